@@ -1,0 +1,74 @@
+//! What the user typed: the `lathe` command line, parsed by clap.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lathe",
+    version,
+    about = "Train, compress, deploy and monitor models from one job spec published to NATS"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// NATS server URL (auth and TLS come from NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_CREDS,
+    /// NATS_NKEY_SEED, NATS_TLS_CA/CERT/KEY).
+    #[arg(long, env = "NATS_URL", default_value = lathe_runtime::settings::DEFAULT_NATS_URL, global = true)]
+    pub nats_url: String,
+    /// Machine-readable JSON output instead of text for people.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Validate a job spec (JSON or TOML) locally, then publish it to lathe.jobs.submit.
+    Submit {
+        spec: PathBuf,
+        /// Follow the job until it ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Follow a job's progress, stage by stage and epoch by epoch, until it ends.
+    Watch { job: String },
+    /// Show a job's record.
+    Status { job: String },
+    /// List every job.
+    Jobs,
+    /// Run every stage service in this process (starting a local nats-server when none answers).
+    Up,
+    /// Run the whole chain on the built-in digits data and print the result.
+    Demo,
+    /// Datasets in the lathe-datasets bucket.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
+    /// Export a job's dense model as a PyTorch-compatible safetensors state dict.
+    Export {
+        /// The job whose latest artifact is exported.
+        job: String,
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DatasetCommand {
+    /// Upload a CSV or IDX file under a name (use it as "bucket:<name>" in a spec).
+    Put { name: String, file: PathBuf },
+    /// List uploaded datasets.
+    List,
+}
+
+impl Command {
+    /// Whether the command runs stage services in-process (and so wants telemetry set up).
+    pub fn runs_services(&self) -> bool {
+        matches!(self, Command::Up | Command::Demo)
+    }
+}

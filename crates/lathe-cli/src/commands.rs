@@ -1,0 +1,298 @@
+//! Objects built from what the user typed, and the work of each command.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use lathe_proto::codec::{self, Format};
+use lathe_proto::{JobId, JobRecord, JobSpec, JobState, names};
+use lathe_runtime::{NatsSettings, Resources, WorkerSettings, provision, settings};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{Cli, Command, DatasetCommand, Global};
+use crate::{local, watch};
+
+/// The sample job of the demo: the built-in digits data through every available stage.
+const DEMO_SPEC: &str = include_str!("../../../proto/examples/valid/digits.json");
+
+async fn connect(global: &Global) -> anyhow::Result<Resources> {
+    let mut nats = NatsSettings::from_env()?;
+    nats.url = global.nats_url.clone();
+    let client = settings::connect(&nats, "lathe-cli", Duration::from_secs(5)).await?;
+    // Provisioning is idempotent; doing it here lets `submit` work before any service ran.
+    Ok(provision::provision(client, WorkerSettings::from_env()?).await?)
+}
+
+fn read_spec(path: &std::path::Path) -> anyhow::Result<(JobSpec, Vec<u8>)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let is_toml = path.extension().is_some_and(|e| e == "toml");
+    let parsed = if is_toml {
+        JobSpec::parse_toml(&text)
+    } else {
+        JobSpec::parse(text.as_bytes(), Format::Json)
+    };
+    match parsed {
+        Ok(spec) => {
+            let bytes = codec::to_json(&spec);
+            Ok((spec, bytes))
+        }
+        Err(errors) => {
+            let list = errors
+                .iter()
+                .map(|e| format!("  {e}"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            bail!("{} is not a valid job spec:\n{list}", path.display())
+        }
+    }
+}
+
+/// Publishes a spec to the submit stream with a job id chosen here, so it can be watched.
+async fn submit_bytes(js: &jetstream::Context, bytes: Vec<u8>) -> anyhow::Result<JobId> {
+    let job = JobId::new();
+    let mut headers = HeaderMap::new();
+    headers.insert(names::JOB_ID_HEADER, job.to_string().as_str());
+    headers.insert(names::CONTENT_TYPE_HEADER, codec::JSON);
+    js.publish_with_headers(names::SUBMIT_SUBJECT, headers, bytes.into())
+        .await?
+        .await
+        .context("the submit stream did not confirm the job")?;
+    Ok(job)
+}
+
+fn parse_job(s: &str) -> anyhow::Result<JobId> {
+    s.parse::<JobId>().map_err(|e| anyhow::anyhow!(e))
+}
+
+async fn follow(res: &Resources, job: JobId, json: bool) -> anyhow::Result<ExitCode> {
+    match watch::watch(&res.js, job, json).await? {
+        watch::Ending::Completed => {
+            if !json && let Some((record, _)) = res.jobs.get(job).await? {
+                print_record(&record);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        watch::Ending::Failed(reason) => {
+            eprintln!("job {job} failed: {reason}");
+            Ok(ExitCode::from(1))
+        }
+        watch::Ending::Rejected(reasons) => {
+            eprintln!("job {job} was rejected:\n{reasons}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn fmt_metric(name: &str, v: f64) -> String {
+    if name.contains("accuracy") {
+        format!("{name} {:.2} %", v * 100.0)
+    } else if v.fract() == 0.0 {
+        format!("{name} {}", v as i64)
+    } else {
+        format!("{name} {v:.3}")
+    }
+}
+
+fn print_record(r: &JobRecord) {
+    println!("job {}  {}  {:?}", r.job_id, r.name, r.state);
+    if let Some(end) = r.finished_at_ms {
+        println!(
+            "  wall time {:.1} s",
+            end.saturating_sub(r.submitted_at_ms) as f64 / 1000.0
+        );
+    }
+    for s in &r.steps {
+        let took = match (s.started_at_ms, s.finished_at_ms) {
+            (Some(a), Some(b)) => format!(" in {:.1} s", b.saturating_sub(a) as f64 / 1000.0),
+            _ => String::new(),
+        };
+        println!(
+            "  {:>2}. {:<9} {:?}{took} (attempts {})",
+            s.step,
+            s.stage.as_str(),
+            s.state,
+            s.attempts
+        );
+        if !s.metrics.is_empty() {
+            let m: Vec<String> = s.metrics.iter().map(|(k, v)| fmt_metric(k, *v)).collect();
+            println!("      {}", m.join(", "));
+        }
+        if let Some(a) = &s.artifact {
+            println!("      artifact {} ({} bytes)", a.name, a.bytes);
+        }
+        if let Some(e) = &s.error {
+            println!("      error: {e}");
+        }
+    }
+    for e in &r.errors {
+        println!("  invalid: {e}");
+    }
+    if let Some(e) = &r.error
+        && r.errors.is_empty()
+    {
+        println!("  error: {e}");
+    }
+}
+
+pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
+    let g = args.global;
+    match args.command {
+        Command::Submit { spec, watch } => {
+            let (spec, bytes) = read_spec(&spec)?;
+            let res = connect(&g).await?;
+            let job = submit_bytes(&res.js, bytes).await?;
+            if g.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "job_id": job, "name": spec.name })
+                );
+            } else {
+                println!("submitted job {job} ({})", spec.name);
+            }
+            if watch {
+                follow(&res, job, g.json).await
+            } else {
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+        Command::Watch { job } => {
+            let res = connect(&g).await?;
+            follow(&res, parse_job(&job)?, g.json).await
+        }
+        Command::Status { job } => {
+            let job = parse_job(&job)?;
+            let res = connect(&g).await?;
+            let Some((record, _)) = res.jobs.get(job).await? else {
+                bail!("no job {job}")
+            };
+            if g.json {
+                println!("{}", serde_json::to_string_pretty(&record)?);
+            } else {
+                print_record(&record);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Jobs => {
+            let res = connect(&g).await?;
+            let jobs = res.jobs.list().await?;
+            if g.json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+            } else {
+                println!("{:<36}  {:<20}  {:<9}  STAGES", "JOB", "NAME", "STATE");
+                for r in jobs {
+                    let stages: Vec<String> = r
+                        .steps
+                        .iter()
+                        .map(|s| format!("{}:{:?}", s.stage.as_str(), s.state).to_lowercase())
+                        .collect();
+                    println!(
+                        "{:<36}  {:<20}  {:<9}  {}",
+                        r.job_id,
+                        r.name,
+                        format!("{:?}", r.state).to_lowercase(),
+                        stages.join(" ")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Up => {
+            let _nats = local::ensure_nats(&g.nats_url)?;
+            let stop = lathe_runtime::shutdown::on_signal();
+            eprintln!(
+                "lathe: every stage is running against {} (Ctrl-C stops)",
+                g.nats_url
+            );
+            local::run_services(g.nats_url.clone(), stop).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => demo(&g).await,
+        Command::Dataset(DatasetCommand::Put { name, file }) => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let res = connect(&g).await?;
+            let info = res.datasets.put(&name, &bytes).await?;
+            println!(
+                "stored dataset {} ({} bytes); use \"source\": \"bucket:{}\"",
+                info.name, info.bytes, info.name
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dataset(DatasetCommand::List) => {
+            let res = connect(&g).await?;
+            let list = res.datasets.list().await?;
+            if g.json {
+                let v: Vec<_> = list.iter().map(|d| serde_json::json!({"name": d.name, "bytes": d.bytes, "digest": d.digest})).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for d in list {
+                    println!("{:<32} {:>12} bytes  {}", d.name, d.bytes, d.digest);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { job, out } => {
+            let job = parse_job(&job)?;
+            let res = connect(&g).await?;
+            let Some((record, _)) = res.jobs.get(job).await? else {
+                bail!("no job {job}")
+            };
+            let Some(artifact) = record.steps.iter().rev().find_map(|s| s.artifact.clone()) else {
+                bail!("job {job} has no artifact yet")
+            };
+            let bytes = res.artifacts.get(&artifact).await?;
+            let model = lathe_model::artifact::Artifact::from_bytes(&bytes)
+                .with_context(|| format!("artifact {}", artifact.name))?;
+            let st = lathe_model::interop::export_safetensors(&model)?;
+            std::fs::write(&out, &st).with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "wrote {} ({} bytes) from {}",
+                out.display(),
+                st.len(),
+                artifact.name
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The demo: a local server if none answers, every stage in this process, the sample
+/// digits job submitted and watched, and its result printed.
+async fn demo(g: &Global) -> anyhow::Result<ExitCode> {
+    let _nats = local::ensure_nats(&g.nats_url)?;
+    let stop = CancellationToken::new();
+    let services = tokio::spawn(local::run_services(g.nats_url.clone(), stop.clone()));
+    let res = connect(g).await?;
+    let spec = JobSpec::parse(DEMO_SPEC.as_bytes(), Format::Json)
+        .map_err(|e| anyhow::anyhow!("demo spec: {e:?}"))?;
+    println!(
+        "lathe demo: submitting `{}` ({})",
+        spec.name,
+        spec.pipeline
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(" → ")
+    );
+    let job = submit_bytes(&res.js, DEMO_SPEC.as_bytes().to_vec()).await?;
+    let code = follow(&res, job, g.json).await?;
+    if let Some((record, _)) = res.jobs.get(job).await?
+        && record.state == JobState::Completed
+        && let Some(acc) = record
+            .steps
+            .iter()
+            .find_map(|s| s.metrics.get("test_accuracy"))
+    {
+        println!("trained model test accuracy: {:.2} %", acc * 100.0);
+    }
+    stop.cancel();
+    match services.await {
+        Ok(Err(e)) => eprintln!("lathe: a service stopped with an error: {e:#}"),
+        Err(e) => eprintln!("lathe: a service task failed: {e}"),
+        Ok(Ok(())) => {}
+    }
+    Ok(code)
+}

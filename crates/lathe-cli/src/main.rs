@@ -1,0 +1,42 @@
+//! `lathe`: submit a job and watch it, inspect jobs, manage datasets, export models, run
+//! every stage in one process (`up`), or the whole demo. A composition root: parsing here,
+//! the work in the modules and the libraries.
+
+mod cli;
+mod commands;
+mod local;
+mod watch;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lathe: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let telemetry = args
+        .command
+        .runs_services()
+        .then(|| runtime.block_on(async { lathe_runtime::trace::init_telemetry("lathe") }));
+    let result = runtime.block_on(commands::run(args));
+    drop(runtime);
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("lathe: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Artifact format tests: exact round trips, every kind of damaged file, validation of
+//! inconsistent artifacts, and a property test that decoding never panics.
+
+use std::collections::BTreeMap;
+
+use lathe_model::artifact::{
+    Artifact, ArtifactError, FORMAT_VERSION, LayerTensors, ReferenceSample, TensorData, digest_hex,
+};
+use lathe_model::data::Standardizer;
+use lathe_model::mlp::MlpConfig;
+use proptest::prelude::*;
+use sha2::{Digest, Sha256};
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// A dense layer of the given size.
+fn layer(n_in: usize, n_out: usize, seed: u64) -> LayerTensors {
+    LayerTensors {
+        weight: TensorData::DenseF32 {
+            shape: vec![n_out, n_in],
+            values: values(n_in * n_out, seed),
+        },
+        bias: TensorData::DenseF32 {
+            shape: vec![n_out],
+            values: values(n_out, seed + 100),
+        },
+    }
+}
+
+/// A small but complete artifact: 6-5-4-3 with a reference sample, lineage and metrics.
+fn sample_artifact() -> Artifact {
+    let config = MlpConfig::new(6, vec![5, 4], 3);
+    let layers = vec![layer(6, 5, 1), layer(5, 4, 2), layer(4, 3, 3)];
+    let standardizer = Standardizer {
+        mean: vec![0.5, 1.0, -2.0, 0.0, 3.0, 7.5],
+        scale: vec![1.0, 2.0, 0.5, 1.0, 4.0, 1.5],
+    };
+    let mut artifact = Artifact::from_imported(
+        config,
+        layers,
+        standardizer,
+        (0..6).map(|i| format!("f{i}")).collect(),
+        vec!["a".into(), "b".into(), "c".into()],
+    )
+    .expect("consistent artifact");
+    artifact.reference = ReferenceSample::from_rows(
+        (0..10)
+            .map(|r| values(6, 50 + r).iter().map(|v| v * 100.0).collect())
+            .collect(),
+        vec![0.5, 0.25, 0.25],
+    );
+    artifact.push_lineage(
+        "train",
+        serde_json::json!({"epochs": 3, "lr": 0.001, "nested": {"list": [1, 2.5, "x", null]}}),
+        BTreeMap::from([("test_accuracy".to_string(), 0.975)]),
+    );
+    artifact.metrics.insert("test_accuracy".into(), 0.975);
+    artifact
+}
+
+/// The artifact encoded with an uncompressed (encoding 0) body, which the writer would
+/// only choose when zstd does not help.
+fn plain_bytes(artifact: &Artifact) -> Vec<u8> {
+    let body = rmp_serde::to_vec_named(artifact).expect("serializes");
+    let mut bytes = b"LATHEART".to_vec();
+    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&body);
+    reseal_digest_only(bytes)
+}
+
+/// Appends the SHA-256 of `bytes`.
+fn reseal_digest_only(mut bytes: Vec<u8>) -> Vec<u8> {
+    let digest = Sha256::digest(&bytes);
+    bytes.extend_from_slice(&digest);
+    bytes
+}
+
+/// Recomputes the length field and the digest after the body was changed, so the decoder
+/// reaches the body parser.
+fn reseal(mut bytes: Vec<u8>) -> Vec<u8> {
+    bytes.truncate(bytes.len().saturating_sub(32));
+    if bytes.len() >= 19 {
+        let body_len = (bytes.len() - 19) as u64;
+        bytes[11..19].copy_from_slice(&body_len.to_le_bytes());
+    }
+    let digest = Sha256::digest(&bytes);
+    bytes.extend_from_slice(&digest);
+    bytes
+}
+
+#[test]
+fn an_artifact_round_trips_exactly() {
+    let artifact = sample_artifact();
+    let bytes = artifact.to_bytes();
+    assert_eq!(&bytes[..8], b"LATHEART");
+    assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), FORMAT_VERSION);
+    let back = Artifact::from_bytes(&bytes).expect("decodes");
+    assert_eq!(back, artifact);
+    assert_eq!(back.to_bytes(), bytes, "encoding is deterministic");
+    assert_eq!(back.param_count(), 6 * 5 + 5 + 5 * 4 + 4 + 4 * 3 + 3);
+    assert_eq!(
+        back.lineage
+            .iter()
+            .map(|l| l.stage.as_str())
+            .collect::<Vec<_>>(),
+        ["import", "train"]
+    );
+    assert_eq!(back.lineage[1].params["nested"]["list"][1], 2.5);
+    // Both body encodings decode to the same artifact.
+    assert_eq!(bytes[10], 1, "this artifact compresses");
+    assert_eq!(
+        Artifact::from_bytes(&plain_bytes(&artifact)).expect("decodes"),
+        artifact
+    );
+}
+
+#[test]
+fn reference_rows_are_kept_as_bfloat16() {
+    let sample = ReferenceSample::from_rows(vec![vec![1.0, 16.0, std::f32::consts::PI]], vec![1.0]);
+    assert_eq!(
+        sample.features[0][..2],
+        [1.0, 16.0],
+        "small integers are exact"
+    );
+    assert!((sample.features[0][2] - std::f32::consts::PI).abs() < 0.02);
+    let many = ReferenceSample::from_rows(vec![vec![0.0; 2]; 1000], vec![]);
+    assert_eq!(many.features.len(), lathe_model::artifact::REFERENCE_ROWS);
+}
+
+#[test]
+fn digest_hex_is_sha256() {
+    assert_eq!(
+        digest_hex(b"abc"),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+}
+
+/// Checks that `bytes` fails to decode with a message containing `expected`.
+fn check_decode_error(bytes: &[u8], expected: &str) {
+    match Artifact::from_bytes(bytes) {
+        Ok(_) => panic!("decoded, but should fail with {expected:?}"),
+        Err(e) => {
+            let message = e.to_string();
+            assert!(
+                message.contains(expected),
+                "{message:?} does not contain {expected:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn damaged_artifacts_are_rejected_with_distinct_errors() {
+    let bytes = sample_artifact().to_bytes();
+    let len = bytes.len();
+
+    check_decode_error(
+        &bytes[..len - 10],
+        &format!(
+            "artifact is truncated: {len} bytes expected, {} present",
+            len - 10
+        ),
+    );
+    check_decode_error(&bytes[..12], "artifact is truncated");
+    check_decode_error(&bytes[..4], "artifact is truncated");
+    check_decode_error(b"", "artifact is truncated");
+
+    let mut flipped = bytes.clone();
+    flipped[len / 2] ^= 0x01;
+    check_decode_error(&flipped, "artifact is corrupted: its SHA-256 is");
+    assert!(matches!(
+        Artifact::from_bytes(&flipped),
+        Err(ArtifactError::DigestMismatch { .. })
+    ));
+    let mut bad_digest = bytes.clone();
+    bad_digest[len - 1] ^= 0x80;
+    check_decode_error(&bad_digest, "artifact is corrupted");
+
+    let mut wrong_magic = bytes.clone();
+    wrong_magic[0] = b'X';
+    check_decode_error(&wrong_magic, "not a lathe artifact");
+    check_decode_error(b"PK\x03\x04 a zip file", "not a lathe artifact");
+    check_decode_error(b"{\"json\": true}", "not a lathe artifact");
+
+    let mut newer = bytes.clone();
+    newer[8..10].copy_from_slice(&2u16.to_le_bytes());
+    check_decode_error(
+        &newer,
+        "artifact format version 2 is newer than this build supports (1)",
+    );
+    let mut zero = bytes.clone();
+    zero[8..10].copy_from_slice(&0u16.to_le_bytes());
+    check_decode_error(&zero, "artifact format version 0 is not a valid version");
+
+    let mut trailing = bytes.clone();
+    trailing.extend_from_slice(b"extra");
+    check_decode_error(
+        &trailing,
+        "artifact has 5 unexpected bytes after its digest",
+    );
+
+    let mut encoding = bytes.clone();
+    encoding[10] = 7;
+    check_decode_error(&reseal(encoding), "artifact body encoding 7 is unknown");
+
+    let mut garbage = bytes[..19].to_vec();
+    garbage.extend_from_slice(b"this is not zstd");
+    garbage.extend_from_slice(&[0; 32]);
+    check_decode_error(&reseal(garbage), "artifact body is malformed");
+}
+
+/// Checks that `artifact` fails validation with a message containing `expected`.
+fn check_invalid(artifact: Artifact, expected: &str) {
+    let message = artifact.validate().unwrap_err().to_string();
+    assert!(
+        message.contains(expected),
+        "{message:?} does not contain {expected:?}"
+    );
+    // The same inconsistency is caught when the bytes are read back.
+    let message = Artifact::from_bytes(&artifact.to_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains(expected),
+        "{message:?} does not contain {expected:?}"
+    );
+}
+
+#[test]
+fn inconsistent_artifacts_are_rejected_naming_the_field() {
+    let mut a = sample_artifact();
+    a.layers[1] = layer(6, 4, 9);
+    check_invalid(
+        a,
+        "artifact field layers[1].weight is invalid: shape [4, 6] does not chain: expected [4, 5]",
+    );
+
+    let mut a = sample_artifact();
+    a.layers[2].bias = TensorData::DenseF32 {
+        shape: vec![2],
+        values: vec![0.0, 1.0],
+    };
+    check_invalid(
+        a,
+        "layers[2].bias is invalid: shape [2] does not match the layer's 3 outputs",
+    );
+
+    let mut a = sample_artifact();
+    a.layers[0].bias = TensorData::DenseF32 {
+        shape: vec![5],
+        values: vec![0.0; 4],
+    };
+    check_invalid(
+        a,
+        "layers[0].bias is invalid: shape [5] needs 5 values, 4 stored",
+    );
+
+    let mut a = sample_artifact();
+    a.layers.pop();
+    check_invalid(a, "the architecture has 3 linear layers but 2 are stored");
+
+    let mut a = sample_artifact();
+    a.preprocessing.mean.pop();
+    check_invalid(
+        a,
+        "field preprocessing is invalid: 5 means and 6 scales for 6 input features",
+    );
+
+    let mut a = sample_artifact();
+    a.preprocessing.scale[3] = 0.0;
+    check_invalid(
+        a,
+        "preprocessing.scale[3] is invalid: 0 is not a positive finite number",
+    );
+
+    let mut a = sample_artifact();
+    a.class_labels.pop();
+    check_invalid(a, "class_labels is invalid: 2 labels for 3 classes");
+
+    let mut a = sample_artifact();
+    a.feature_names.push("extra".into());
+    check_invalid(a, "feature_names is invalid: 7 names for 6 input features");
+
+    let mut a = sample_artifact();
+    a.reference.features[4].pop();
+    check_invalid(
+        a,
+        "reference.features[4] is invalid: 5 values for 6 input features",
+    );
+
+    let mut a = sample_artifact();
+    let TensorData::DenseF32 { values, .. } = &mut a.layers[0].weight;
+    values[7] = f32::NAN;
+    check_invalid(a, "layers[0].weight is invalid: value 7 is not finite");
+}
+
+#[test]
+fn from_imported_checks_the_shapes() {
+    let error = Artifact::from_imported(
+        MlpConfig::new(3, vec![], 2),
+        vec![layer(4, 2, 1)],
+        Standardizer {
+            mean: vec![0.0; 3],
+            scale: vec![1.0; 3],
+        },
+        vec!["a".into(), "b".into(), "c".into()],
+        vec!["x".into(), "y".into()],
+    )
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "artifact field layers[0].weight is invalid: shape [2, 4] does not chain: expected [2, 3]"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = Artifact::from_bytes(&bytes);
+        let mut with_magic = b"LATHEART".to_vec();
+        with_magic.extend_from_slice(&bytes);
+        let _ = Artifact::from_bytes(&with_magic);
+        let _ = Artifact::from_bytes(&reseal(with_magic));
+    }
+
+    #[test]
+    fn decoding_mutated_artifacts_never_panics(
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        // One compressed and one uncompressed body, so both decoders see garbage.
+        let compressed = sample_artifact().to_bytes();
+        let plain = plain_bytes(&sample_artifact());
+        for original in [compressed, plain] {
+            let mut mutated = original.clone();
+            for (at, value) in &flips {
+                let i = at.index(mutated.len());
+                mutated[i] = *value;
+            }
+            let _ = Artifact::from_bytes(&mutated);
+            // Re-sealed, the mutation gets past the digest and into the body decoders.
+            let resealed = reseal(mutated.clone());
+            let _ = Artifact::from_bytes(&resealed);
+            let truncated = &original[..cut.index(original.len())];
+            prop_assert!(Artifact::from_bytes(truncated).is_err());
+            let _ = Artifact::from_bytes(&reseal(truncated.to_vec()));
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Model artifacts and datasets in NATS object stores. An artifact is referenced by name and
+//! SHA-256 digest; a read recomputes the digest and refuses bytes that do not match, naming
+//! the artifact.
+
+use async_nats::jetstream::object_store::ObjectStore;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE;
+use futures::StreamExt;
+use lathe_proto::{ArtifactRef, names};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use crate::error::RuntimeError;
+
+/// The digest of some bytes in the object store's own notation, `SHA-256=<base64url>`.
+pub fn digest_of(bytes: &[u8]) -> String {
+    format!("SHA-256={}", URL_SAFE.encode(Sha256::digest(bytes)))
+}
+
+#[derive(Clone)]
+pub struct ArtifactStore {
+    store: ObjectStore,
+}
+
+impl ArtifactStore {
+    pub fn new(store: ObjectStore) -> Self {
+        ArtifactStore { store }
+    }
+
+    /// Stores an artifact under `name` (replacing an earlier attempt's) and returns its
+    /// reference.
+    pub async fn put(&self, name: &str, bytes: &[u8]) -> Result<ArtifactRef, RuntimeError> {
+        let mut reader = bytes;
+        self.store
+            .put(name, &mut reader)
+            .await
+            .map_err(|e| RuntimeError::Artifact {
+                name: name.into(),
+                reason: format!("cannot store: {e}"),
+            })?;
+        Ok(ArtifactRef {
+            bucket: names::ARTIFACTS_BUCKET.into(),
+            name: name.into(),
+            digest: digest_of(bytes),
+            bytes: bytes.len() as u64,
+        })
+    }
+
+    /// Reads an artifact and checks its bytes against the reference's digest.
+    pub async fn get(&self, r: &ArtifactRef) -> Result<Vec<u8>, RuntimeError> {
+        let bytes =
+            read_object(&self.store, &r.name)
+                .await
+                .map_err(|reason| RuntimeError::Artifact {
+                    name: r.name.clone(),
+                    reason,
+                })?;
+        let actual = digest_of(&bytes);
+        if actual != r.digest {
+            return Err(RuntimeError::Artifact {
+                name: r.name.clone(),
+                reason: format!(
+                    "digest mismatch: expected {}, got {actual} (the stored artifact is corrupt)",
+                    r.digest
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Whether an artifact exists with the given digest (idempotent redelivery).
+    pub async fn exists(&self, r: &ArtifactRef) -> bool {
+        match self.store.info(&r.name).await {
+            Ok(info) => info.digest.as_deref() == Some(r.digest.as_str()) && !info.deleted,
+            Err(_) => false,
+        }
+    }
+
+    /// The underlying object store, for tools.
+    pub fn raw(&self) -> &ObjectStore {
+        &self.store
+    }
+}
+
+async fn read_object(store: &ObjectStore, name: &str) -> Result<Vec<u8>, String> {
+    let mut object = store.get(name).await.map_err(|e| match e.kind() {
+        async_nats::jetstream::object_store::GetErrorKind::NotFound => "not found".to_string(),
+        _ => format!("cannot read: {e}"),
+    })?;
+    let mut bytes = Vec::with_capacity(object.info.size);
+    object
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| format!("cannot read: {e}"))?;
+    Ok(bytes)
+}
+
+/// Uploaded datasets (`lathe dataset put`), read by the trainer for `bucket:<name>` sources.
+#[derive(Clone)]
+pub struct DatasetStore {
+    store: ObjectStore,
+}
+
+/// One stored dataset, as `lathe dataset list` shows it.
+#[derive(Clone, Debug)]
+pub struct DatasetInfo {
+    pub name: String,
+    pub bytes: u64,
+    pub digest: String,
+}
+
+impl DatasetStore {
+    pub fn new(store: ObjectStore) -> Self {
+        DatasetStore { store }
+    }
+
+    pub async fn put(&self, name: &str, bytes: &[u8]) -> Result<DatasetInfo, RuntimeError> {
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err(RuntimeError::Dataset {
+                name: name.into(),
+                reason: "a name must be non-empty and contain no spaces".into(),
+            });
+        }
+        let mut reader = bytes;
+        self.store
+            .put(name, &mut reader)
+            .await
+            .map_err(|e| RuntimeError::Dataset {
+                name: name.into(),
+                reason: format!("cannot store: {e}"),
+            })?;
+        Ok(DatasetInfo {
+            name: name.into(),
+            bytes: bytes.len() as u64,
+            digest: digest_of(bytes),
+        })
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Vec<u8>, RuntimeError> {
+        read_object(&self.store, name)
+            .await
+            .map_err(|reason| RuntimeError::Dataset {
+                name: name.into(),
+                reason: if reason == "not found" {
+                    format!("not found in bucket {}", names::DATASETS_BUCKET)
+                } else {
+                    reason
+                },
+            })
+    }
+
+    pub async fn list(&self) -> Result<Vec<DatasetInfo>, RuntimeError> {
+        let mut list = self
+            .store
+            .list()
+            .await
+            .map_err(|e| RuntimeError::nats("object list", e))?;
+        let mut out = Vec::new();
+        while let Some(info) = list.next().await {
+            let info = info.map_err(|e| RuntimeError::nats("object list", e))?;
+            if info.deleted {
+                continue;
+            }
+            out.push(DatasetInfo {
+                name: info.name,
+                bytes: info.size as u64,
+                digest: info.digest.unwrap_or_default(),
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+}

@@ -1,0 +1,265 @@
+//! Job intake: every spec published to `lathe.jobs.submit` (JSON or MessagePack) is read from
+//! the durable submit stream, validated, and turned into a job record, an `accepted` event
+//! and the first stage's task — or into a `rejected` record and event naming every bad field.
+//!
+//! Every service runs intake on the one shared `intake` consumer, so a spec published while
+//! nothing runs is processed as soon as any service starts, and exactly once.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer};
+use futures::StreamExt;
+use lathe_proto::codec::Format;
+use lathe_proto::{
+    EventKind, FieldError, JobId, JobRecord, JobSpec, JobState, StageTask, StepRecord, StepState,
+    names, now_ms,
+};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::error::RuntimeError;
+use crate::events::EventBuilder;
+use crate::provision::Resources;
+use crate::{trace, worker};
+
+/// Runs intake until `shutdown` is cancelled.
+pub async fn run_intake(
+    res: Resources,
+    service: &'static str,
+    shutdown: CancellationToken,
+) -> Result<(), RuntimeError> {
+    let consumer: consumer::PullConsumer = res
+        .js
+        .get_consumer_from_stream(names::INTAKE_CONSUMER, names::SUBMIT_STREAM)
+        .await
+        .map_err(|e| RuntimeError::nats("get intake consumer", e))?;
+    loop {
+        let fetched = tokio::select! {
+            f = consumer.fetch().max_messages(16).expires(Duration::from_secs(5)).messages() => f,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        let mut batch = match fetched {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "Intake pull failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        while let Some(msg) = batch.next().await {
+            let Ok(msg) = msg else { continue };
+            if let Err(e) = intake_one(&res, service, &msg).await {
+                tracing::warn!(error = %e, "Submission not processed; it will be redelivered");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            } else if let Err(e) = msg.double_ack().await {
+                tracing::warn!(error = %e, "Submission ack not confirmed");
+            }
+        }
+    }
+}
+
+/// The job id of a submission: the `lathe-job-id` header when the submitter chose one, else
+/// derived from the message's place in the stream, so a redelivery maps to the same job.
+fn job_id_of(msg: &jetstream::Message) -> Result<JobId, FieldError> {
+    if let Some(v) = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(names::JOB_ID_HEADER))
+    {
+        return v
+            .as_str()
+            .parse::<JobId>()
+            .map_err(|e| FieldError::new(format!("header {}", names::JOB_ID_HEADER), e));
+    }
+    let (seq, published) = match msg.info() {
+        Ok(i) => (i.stream_sequence, i.published.unix_timestamp_nanos()),
+        Err(_) => (0, 0),
+    };
+    let digest = Sha256::digest(format!("{}:{seq}:{published}", names::SUBMIT_STREAM));
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    Ok(JobId(uuid::Uuid::new_v8(bytes)))
+}
+
+/// The name of a rejected spec, when it has a readable one.
+fn best_effort_name(payload: &[u8], format: Format) -> String {
+    let value: Option<serde_json::Value> = match format {
+        Format::Json => serde_json::from_slice(payload).ok(),
+        Format::MsgPack => lathe_proto::codec::decode(payload, Format::MsgPack).ok(),
+    };
+    value
+        .and_then(|v| v.get("name").and_then(|n| n.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "(unnamed)".into())
+}
+
+async fn intake_one(
+    res: &Resources,
+    service: &'static str,
+    msg: &jetstream::Message,
+) -> Result<(), RuntimeError> {
+    let content_type = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(names::CONTENT_TYPE_HEADER))
+        .map(|v| v.as_str().to_string());
+    let format = Format::sniff(&msg.payload, content_type.as_deref());
+    let job = match job_id_of(msg) {
+        Ok(j) => j,
+        Err(e) => {
+            // Without a usable id there is no record to write: keep the submission visible.
+            worker::dead_letter(
+                res,
+                "intake",
+                names::SUBMIT_SUBJECT,
+                None,
+                None,
+                &e.to_string(),
+                1,
+                &msg.payload,
+            )
+            .await;
+            return Ok(());
+        }
+    };
+    let parsed = JobSpec::parse(&msg.payload, format);
+    let name = match &parsed {
+        Ok(s) => s.name.clone(),
+        Err(_) => best_effort_name(&msg.payload, format),
+    };
+    let (root_cx, mut root) = trace::start_job_root(job, &name, service);
+    let span = tracing::info_span!("intake", otel.name = "intake lathe.jobs.submit", otel.kind = "consumer",
+        messaging.system = "nats", messaging.destination.name = names::SUBMIT_SUBJECT,
+        messaging.operation.type = "process", lathe.job.id = %job);
+    let _ = span.set_parent(root_cx);
+    let result = async {
+        match parsed {
+            Ok(spec) => accept(res, job, spec, &tracing::Span::current()).await,
+            Err(errors) => reject(res, job, name, errors).await,
+        }
+    }
+    .instrument(span)
+    .await;
+    use opentelemetry::trace::Span as _;
+    root.end();
+    result
+}
+
+async fn accept(
+    res: &Resources,
+    job: JobId,
+    spec: JobSpec,
+    span: &tracing::Span,
+) -> Result<(), RuntimeError> {
+    let now = now_ms();
+    let record = JobRecord {
+        schema_version: lathe_proto::SCHEMA_VERSION,
+        job_id: job,
+        name: spec.name.clone(),
+        state: JobState::Queued,
+        spec: Some(spec.clone()),
+        errors: vec![],
+        error: None,
+        submitted_at_ms: now,
+        updated_at_ms: now,
+        finished_at_ms: None,
+        steps: spec
+            .pipeline
+            .iter()
+            .enumerate()
+            .map(|(i, s)| StepRecord {
+                step: i as u32,
+                stage: *s,
+                state: StepState::Pending,
+                attempts: 0,
+                worker: None,
+                started_at_ms: None,
+                finished_at_ms: None,
+                metrics: Default::default(),
+                details: None,
+                artifact: None,
+                error: None,
+                progress: None,
+            })
+            .collect(),
+        spans: vec![],
+    };
+    let accepted_at = match res.jobs.create(&record).await? {
+        true => {
+            res.events
+                .emit(EventBuilder::new(
+                    job,
+                    EventKind::Accepted,
+                    format!("job `{}` accepted: {}", spec.name, pipeline_text(&spec)),
+                ))
+                .await;
+            tracing::info!(%job, name = %spec.name, "Job accepted");
+            now
+        }
+        // A redelivered submission: the record exists, so only make sure the first task is
+        // queued (the stream drops the duplicate).
+        false => match res.jobs.get(job).await? {
+            Some((r, _)) if r.state == JobState::Queued => r.submitted_at_ms,
+            _ => return Ok(()),
+        },
+    };
+    let first = StageTask {
+        schema_version: lathe_proto::SCHEMA_VERSION,
+        job_id: job,
+        step: 0,
+        stage: spec.pipeline[0],
+        spec,
+        input: None,
+        accepted_at_ms: accepted_at,
+    };
+    worker::publish_task(res, &first, span).await
+}
+
+fn pipeline_text(spec: &JobSpec) -> String {
+    spec.pipeline
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(" → ")
+}
+
+async fn reject(
+    res: &Resources,
+    job: JobId,
+    name: String,
+    errors: Vec<FieldError>,
+) -> Result<(), RuntimeError> {
+    let now = now_ms();
+    let summary = errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let record = JobRecord {
+        schema_version: lathe_proto::SCHEMA_VERSION,
+        job_id: job,
+        name,
+        state: JobState::Rejected,
+        spec: None,
+        errors: errors.clone(),
+        error: Some(format!("invalid spec: {summary}")),
+        submitted_at_ms: now,
+        updated_at_ms: now,
+        finished_at_ms: Some(now),
+        steps: vec![],
+        spans: vec![],
+    };
+    if res.jobs.create(&record).await? {
+        tracing::info!(%job, %summary, "Job rejected");
+        res.events
+            .emit(
+                EventBuilder::new(job, EventKind::Rejected, format!("invalid spec: {summary}"))
+                    .errors(errors),
+            )
+            .await;
+    }
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! Job records in the `lathe-jobs` bucket. Every change is a compare-and-set on the entry's
+//! revision, retried on conflict, so two services updating one job never lose a write.
+
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use lathe_proto::{JobId, JobRecord, codec, now_ms};
+
+use crate::error::RuntimeError;
+
+#[derive(Clone)]
+pub struct JobStore {
+    kv: kv::Store,
+}
+
+/// What a record update closure decides.
+pub enum Change {
+    /// Write the modified record.
+    Write,
+    /// Leave the record as it is.
+    Keep,
+}
+
+impl JobStore {
+    pub fn new(kv: kv::Store) -> Self {
+        JobStore { kv }
+    }
+
+    fn decode(job: JobId, bytes: &[u8]) -> Result<JobRecord, RuntimeError> {
+        codec::from_msgpack(bytes).map_err(|e| RuntimeError::BadRecord {
+            job,
+            reason: e.to_string(),
+        })
+    }
+
+    /// The record and its revision, if the job exists.
+    pub async fn get(&self, job: JobId) -> Result<Option<(JobRecord, u64)>, RuntimeError> {
+        match self
+            .kv
+            .entry(job.to_string())
+            .await
+            .map_err(|e| RuntimeError::nats("kv get", e))?
+        {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                Ok(Some((Self::decode(job, &entry.value)?, entry.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Creates a record; `Ok(false)` when the job already has one (a redelivered submit).
+    pub async fn create(&self, record: &JobRecord) -> Result<bool, RuntimeError> {
+        match self
+            .kv
+            .create(record.job_id.to_string(), codec::to_msgpack(record).into())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(RuntimeError::nats("kv create", e)),
+        }
+    }
+
+    /// Reads, changes and writes back a record by compare-and-set, retrying on conflict.
+    pub async fn update<F>(&self, job: JobId, mut change: F) -> Result<JobRecord, RuntimeError>
+    where
+        F: FnMut(&mut JobRecord) -> Change,
+    {
+        let mut conflicts = 0;
+        loop {
+            let (mut record, revision) =
+                self.get(job).await?.ok_or(RuntimeError::JobNotFound(job))?;
+            if let Change::Keep = change(&mut record) {
+                return Ok(record);
+            }
+            record.updated_at_ms = now_ms();
+            match self
+                .kv
+                .update(job.to_string(), codec::to_msgpack(&record).into(), revision)
+                .await
+            {
+                Ok(_) => return Ok(record),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision && conflicts < 100 => {
+                    conflicts += 1;
+                    continue;
+                }
+                Err(e) => return Err(RuntimeError::nats("kv update", e)),
+            }
+        }
+    }
+
+    /// Every job record (for `lathe jobs`); unreadable ones are skipped with a warning.
+    pub async fn list(&self) -> Result<Vec<JobRecord>, RuntimeError> {
+        let mut keys = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| RuntimeError::nats("kv keys", e))?;
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| RuntimeError::nats("kv keys", e))?;
+            let Ok(job) = key.parse::<JobId>() else {
+                continue;
+            };
+            match self.get(job).await {
+                Ok(Some((r, _))) => out.push(r),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%job, error = %e, "Skipping unreadable job record"),
+            }
+        }
+        out.sort_by_key(|r| r.submitted_at_ms);
+        Ok(out)
+    }
+}

@@ -1,0 +1,186 @@
+//! Idempotent provisioning: every stream, consumer, KV bucket and object store lathe uses is
+//! created or updated to the configuration here, by every service at start, so that any one
+//! of them can bring up an empty server and none depends on start order.
+
+use std::time::Duration;
+
+use async_nats::Client;
+use async_nats::jetstream::{self, consumer, kv, object_store, stream};
+use lathe_proto::{Stage, names};
+
+use crate::artifacts::{ArtifactStore, DatasetStore};
+use crate::error::RuntimeError;
+use crate::events::Events;
+use crate::jobs::JobStore;
+use crate::settings::WorkerSettings;
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// Everything a service needs, provisioned and opened.
+#[derive(Clone)]
+pub struct Resources {
+    pub client: Client,
+    pub js: jetstream::Context,
+    pub jobs: JobStore,
+    pub events: Events,
+    pub artifacts: ArtifactStore,
+    pub datasets: DatasetStore,
+    pub models: kv::Store,
+    pub worker: WorkerSettings,
+}
+
+fn prov(what: impl Into<String>) -> impl FnOnce(String) -> RuntimeError {
+    let what = what.into();
+    move |reason| RuntimeError::Provision { what, reason }
+}
+
+/// The configuration of a stage's durable pull consumer. Ack wait and deliveries come from
+/// the worker settings; updating them on a running consumer is allowed.
+pub fn stage_consumer_config(stage: Stage, w: &WorkerSettings) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(names::stage_consumer(stage)),
+        filter_subject: names::work_subject(stage),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: w.ack_wait,
+        max_deliver: w.max_deliver,
+        // Replicas × concurrency tasks may be in flight at once; leave ample room.
+        max_ack_pending: 1024,
+        description: Some(format!("every replica of the {stage} stage")),
+        ..Default::default()
+    }
+}
+
+/// Creates or updates every resource and opens them.
+pub async fn provision(client: Client, worker: WorkerSettings) -> Result<Resources, RuntimeError> {
+    let js = jetstream::new(client.clone());
+
+    let streams = [
+        stream::Config {
+            name: names::SUBMIT_STREAM.into(),
+            subjects: vec![names::SUBMIT_SUBJECT.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: 7 * DAY,
+            duplicate_window: Duration::from_secs(120),
+            description: Some("job specs as users submit them".into()),
+            ..Default::default()
+        },
+        stream::Config {
+            name: names::WORK_STREAM.into(),
+            subjects: vec![names::WORK_SUBJECTS.into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            description: Some("stage tasks; one durable consumer per stage".into()),
+            ..Default::default()
+        },
+        stream::Config {
+            name: names::EVENTS_STREAM.into(),
+            subjects: vec![names::EVENTS_SUBJECTS.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: 7 * DAY,
+            description: Some("job lifecycle events".into()),
+            ..Default::default()
+        },
+        stream::Config {
+            name: names::DEAD_STREAM.into(),
+            subjects: vec![names::DEAD_SUBJECTS.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: 30 * DAY,
+            description: Some("messages no service could process, kept for operators".into()),
+            ..Default::default()
+        },
+    ];
+    for cfg in streams {
+        let name = cfg.name.clone();
+        js.create_or_update_stream(cfg)
+            .await
+            .map_err(|e| prov(format!("stream {name}"))(e.to_string()))?;
+    }
+
+    let submit = js
+        .get_stream(names::SUBMIT_STREAM)
+        .await
+        .map_err(|e| prov("stream LATHE_SUBMIT")(e.to_string()))?;
+    submit
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(names::INTAKE_CONSUMER.into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 5,
+            description: Some("job intake, shared by every lathe service".into()),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| prov("consumer intake")(e.to_string()))?;
+
+    let work = js
+        .get_stream(names::WORK_STREAM)
+        .await
+        .map_err(|e| prov("stream LATHE_WORK")(e.to_string()))?;
+    for stage in Stage::ALL {
+        work.create_consumer(stage_consumer_config(stage, &worker))
+            .await
+            .map_err(|e| {
+                prov(format!("consumer {}", names::stage_consumer(stage)))(e.to_string())
+            })?;
+    }
+
+    let jobs_kv = js
+        .create_or_update_key_value(kv::Config {
+            bucket: names::JOBS_BUCKET.into(),
+            history: 10,
+            storage: stream::StorageType::File,
+            description: "job records".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| prov("bucket lathe-jobs")(e.to_string()))?;
+    let models_kv = js
+        .create_or_update_key_value(kv::Config {
+            bucket: names::MODELS_BUCKET.into(),
+            history: 64,
+            storage: stream::StorageType::File,
+            description: "model registry".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| prov("bucket lathe-models")(e.to_string()))?;
+
+    let artifacts = object_store_open(&js, names::ARTIFACTS_BUCKET, "model artifacts").await?;
+    let datasets = object_store_open(&js, names::DATASETS_BUCKET, "uploaded datasets").await?;
+
+    Ok(Resources {
+        client,
+        js: js.clone(),
+        jobs: JobStore::new(jobs_kv),
+        events: Events::new(js.clone()),
+        artifacts: ArtifactStore::new(artifacts),
+        datasets: DatasetStore::new(datasets),
+        models: models_kv,
+        worker,
+    })
+}
+
+async fn object_store_open(
+    js: &jetstream::Context,
+    bucket: &str,
+    description: &str,
+) -> Result<object_store::ObjectStore, RuntimeError> {
+    let cfg = object_store::Config {
+        bucket: bucket.into(),
+        description: Some(description.into()),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    match js.create_object_store(cfg).await {
+        Ok(store) => Ok(store),
+        // Created by another service already (possibly with a different description).
+        Err(create_err) => js
+            .get_object_store(bucket)
+            .await
+            .map_err(|e| prov(format!("object store {bucket}"))(format!("{create_err}; then {e}"))),
+    }
+}

@@ -1,0 +1,80 @@
+//! The composition every service's `main` shares: settings from the environment, telemetry,
+//! connect, provision, run intake and the stage worker until SIGTERM, drain, flush spans.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::error::RuntimeError;
+use crate::provision::{Resources, provision};
+use crate::settings::{NatsSettings, WorkerSettings, connect};
+use crate::worker::{StageHandler, run_worker};
+use crate::{intake, shutdown, trace};
+
+/// Connects and provisions, as every service does at start.
+pub async fn start(
+    service: &str,
+    nats: &NatsSettings,
+    worker: WorkerSettings,
+) -> Result<Resources, RuntimeError> {
+    let client = connect(nats, service, Duration::from_secs(10)).await?;
+    provision(client, worker).await
+}
+
+/// Runs intake and a stage's worker on provisioned resources until `shutdown` is cancelled;
+/// in-flight tasks are finished before it returns.
+pub async fn serve<H: StageHandler>(
+    res: Resources,
+    service: &'static str,
+    handler: H,
+    shutdown: CancellationToken,
+) -> Result<(), RuntimeError> {
+    let intake = tokio::spawn(intake::run_intake(res.clone(), service, shutdown.clone()));
+    let worked = run_worker(res, handler, shutdown.clone()).await;
+    shutdown.cancel();
+    match intake.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "Intake stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "Intake task failed"),
+        Ok(Ok(())) => {}
+    }
+    worked
+}
+
+/// A whole service process: `fn main() -> ExitCode { service::main("lathe-trainer", Trainer) }`.
+pub fn main<H: StageHandler>(service: &'static str, handler: H) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{service}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let telemetry = runtime.block_on(async { trace::init_telemetry(service) });
+    let result: Result<(), RuntimeError> = runtime.block_on(async {
+        let nats = NatsSettings::from_env()?;
+        let worker = WorkerSettings::from_env()?;
+        tracing::info!(url = %nats.url, ?worker, "Starting {service}");
+        let res = start(service, &nats, worker).await?;
+        let client = res.client.clone();
+        let stop = shutdown::on_signal();
+        serve(res, service, handler, stop).await?;
+        if let Err(e) = client.drain().await {
+            tracing::warn!(error = %e, "NATS drain failed");
+        }
+        tracing::info!("Stopped");
+        Ok(())
+    });
+    drop(runtime);
+    telemetry.shutdown();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{service}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,34 @@
+# lathe's recipes. On a fresh machine use ./run <recipe>: it installs nats-server and just.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# List the recipes.
+default:
+    @just --list
+
+# Run the whole chain on the built-in digits data (starts nats-server when none answers).
+demo:
+    cargo run --release -p lathe-cli --bin lathe -- demo
+
+# Run every stage service in one process against NATS_URL (a local server is started if needed).
+up:
+    cargo run --release -p lathe-cli --bin lathe -- up
+
+# Lint, then every test (real nats-server, real training).
+test: lint
+    cargo build --workspace --bins
+    cargo test --workspace --no-fail-fast
+
+# Formatting and clippy, warnings as errors.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Benchmarks: prints tables, writes JSON under bench/results/.
+bench:
+    mkdir -p bench/results
+    cargo run --release -p lathe-model --bin lathe-model-bench -- --out bench/results/model.json
+
+# Rewrite proto/schemas from the Rust types after a deliberate change.
+schemas:
+    UPDATE_SCHEMAS=1 cargo test -p lathe-proto --test contract

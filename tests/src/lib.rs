@@ -1,0 +1,228 @@
+//! Shared helpers of the end-to-end suite: a provisioned stack on a real nats-server,
+//! in-process and out-of-process stage services, submission and waiting.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer;
+use futures::StreamExt;
+use lathe_proto::{JobEvent, JobId, JobRecord, codec, names};
+use lathe_runtime::{NatsSettings, Resources, WorkerSettings, service};
+use lathe_testkit::NatsServer;
+use tokio_util::sync::CancellationToken;
+
+/// Worker settings for tests: a short ack wait so a killed worker's task comes back fast.
+pub fn test_worker(id: &str) -> WorkerSettings {
+    WorkerSettings {
+        concurrency: 1,
+        ack_wait: Duration::from_secs(3),
+        max_deliver: 5,
+        id: id.to_string(),
+    }
+}
+
+/// A nats-server and a provisioned connection to it.
+pub struct Stack {
+    pub server: NatsServer,
+    pub res: Resources,
+}
+
+pub async fn stack() -> Stack {
+    let server = NatsServer::start();
+    let res = connect(&server.url(), "test-client").await;
+    Stack { server, res }
+}
+
+/// Connects and provisions (as every service does).
+pub async fn connect(url: &str, id: &str) -> Resources {
+    service::start("lathe-test", &NatsSettings::with_url(url), test_worker(id))
+        .await
+        .expect("connect and provision")
+}
+
+/// A trainer replica running in this process until the token is cancelled.
+pub struct InProcess {
+    pub stop: CancellationToken,
+    pub handle: tokio::task::JoinHandle<()>,
+}
+
+impl InProcess {
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.handle.await;
+    }
+}
+
+pub async fn start_trainer(url: &str, id: &str) -> InProcess {
+    let res = connect(url, id).await;
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let handle = tokio::spawn(async move {
+        service::serve(res, "lathe-trainer", lathe_trainer::Trainer, s)
+            .await
+            .expect("trainer serves");
+    });
+    InProcess { stop, handle }
+}
+
+/// The directory holding the workspace's binaries (`cargo build --bins` puts them there).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>
+    exe.parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Starts a service binary as its own process.
+pub fn spawn_service(bin: &str, url: &str, env: &[(&str, &str)]) -> Child {
+    let path = bin_dir().join(bin);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`; `just test` does)",
+        path.display()
+    );
+    let mut cmd = Command::new(path);
+    cmd.env("NATS_URL", url)
+        .env("LATHE_ACK_WAIT_SECS", "3")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn service")
+}
+
+/// Publishes a spec with a plain NATS publish (as `nats pub` would), choosing its job id.
+pub async fn submit(res: &Resources, payload: &[u8]) -> JobId {
+    let job = JobId::new();
+    let mut headers = HeaderMap::new();
+    headers.insert(names::JOB_ID_HEADER, job.to_string().as_str());
+    res.client
+        .publish_with_headers(names::SUBMIT_SUBJECT, headers, payload.to_vec().into())
+        .await
+        .expect("publish");
+    res.client.flush().await.expect("flush");
+    job
+}
+
+/// Waits until the job's record is terminal.
+pub async fn wait_job(res: &Resources, job: JobId, timeout: Duration) -> JobRecord {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some((r, _)) = res.jobs.get(job).await.expect("read job record")
+            && r.state.is_terminal()
+        {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {job} did not end within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every event of a job stored so far.
+pub async fn events_of(res: &Resources, job: JobId) -> Vec<JobEvent> {
+    let stream = res
+        .js
+        .get_stream(names::EVENTS_STREAM)
+        .await
+        .expect("events stream");
+    let c = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: names::job_events_filter(job),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    read_pending(c)
+        .await
+        .iter()
+        .map(|p| codec::from_msgpack(p).expect("event decodes"))
+        .collect()
+}
+
+/// The first event of a kind, waiting for it.
+pub async fn wait_event(
+    res: &Resources,
+    job: JobId,
+    kind: lathe_proto::EventKind,
+    timeout: Duration,
+) -> JobEvent {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(e) = events_of(res, job)
+            .await
+            .into_iter()
+            .find(|e| e.kind == kind)
+        {
+            return e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {job}: no {kind:?} event within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The payloads an ordered consumer had pending when it was created (what is stored now, not
+/// what keeps arriving).
+async fn read_pending(c: consumer::Consumer<consumer::pull::OrderedConfig>) -> Vec<bytes::Bytes> {
+    let pending = c.cached_info().num_pending as usize;
+    let mut msgs = c.messages().await.expect("ordered consumer messages");
+    let mut out = Vec::with_capacity(pending);
+    while out.len() < pending {
+        match tokio::time::timeout(Duration::from_secs(5), msgs.next()).await {
+            Ok(Some(Ok(m))) => out.push(m.payload.clone()),
+            other => panic!("stored messages did not arrive: {other:?}"),
+        }
+    }
+    out
+}
+
+/// Every dead letter stored so far.
+pub async fn dead_letters(res: &Resources) -> Vec<lathe_proto::DeadLetter> {
+    let stream = res
+        .js
+        .get_stream(names::DEAD_STREAM)
+        .await
+        .expect("dead stream");
+    let c = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    read_pending(c)
+        .await
+        .iter()
+        .map(|p| codec::from_msgpack(p).expect("dead letter decodes"))
+        .collect()
+}
+
+/// A small, quick job spec on the built-in digits (for tests that exercise plumbing).
+pub fn quick_spec(name: &str, epochs: u32) -> Vec<u8> {
+    format!(
+        r#"{{"name": "{name}", "dataset": {{"source": "builtin:digits"}}, "model": {{"hidden": [32]}},
+            "train": {{"epochs": {epochs}, "patience": null, "seed": 1}}, "pipeline": ["train"]}}"#
+    )
+    .into_bytes()
+}
+
+/// The `proto/` directory.
+pub fn proto_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto")
+}

@@ -1,0 +1,103 @@
+//! Intake against a real server: plain NATS publishes of JSON and MessagePack, every invalid
+//! example refused with its message, and specs published while nothing runs.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use lathe_proto::{EventKind, JobSpec, JobState, codec};
+use lathe_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_invalid_example_is_rejected_with_its_message() {
+    let s = stack().await;
+    let trainer = start_trainer(&s.server.url(), "t1").await;
+    let dir = proto_dir().join("examples/invalid");
+    let expected: BTreeMap<String, String> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let mut jobs = Vec::new();
+    for (file, message) in &expected {
+        let payload = std::fs::read(dir.join(file)).unwrap();
+        jobs.push((file, message, submit(&s.res, &payload).await));
+    }
+    for (file, message, job) in jobs {
+        let record = wait_job(&s.res, job, Duration::from_secs(20)).await;
+        assert_eq!(record.state, JobState::Rejected, "{file}");
+        let errors: Vec<String> = record.errors.iter().map(|e| e.to_string()).collect();
+        assert!(
+            errors.iter().any(|e| e.starts_with(message.as_str())),
+            "{file}: expected {message:?} in {errors:?}"
+        );
+        let rejected = wait_event(&s.res, job, EventKind::Rejected, Duration::from_secs(5)).await;
+        assert_eq!(
+            rejected.errors, record.errors,
+            "{file}: the event names the same fields"
+        );
+    }
+    trainer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_msgpack_spec_is_accepted_and_runs() {
+    let s = stack().await;
+    let trainer = start_trainer(&s.server.url(), "t1").await;
+    let spec = JobSpec::parse(&quick_spec("msgpack", 2), codec::Format::Json).unwrap();
+    let job = submit(&s.res, &codec::to_msgpack(&spec)).await;
+    let record = wait_job(&s.res, job, Duration::from_secs(60)).await;
+    assert_eq!(record.state, JobState::Completed, "{:?}", record.error);
+    trainer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_published_while_nothing_runs_is_processed_when_a_service_starts() {
+    let s = stack().await;
+    // The streams exist (provisioned), but no service runs.
+    let job = submit(&s.res, &quick_spec("early", 2)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        s.res.jobs.get(job).await.unwrap().is_none(),
+        "nothing should have processed the job yet"
+    );
+    let trainer = start_trainer(&s.server.url(), "late").await;
+    let record = wait_job(&s.res, job, Duration::from_secs(60)).await;
+    assert_eq!(record.state, JobState::Completed, "{:?}", record.error);
+    let kinds: Vec<EventKind> = events_of(&s.res, job)
+        .await
+        .iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds.first(), Some(&EventKind::Accepted));
+    assert_eq!(kinds.last(), Some(&EventKind::Completed));
+    trainer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_without_a_job_id_header_gets_one() {
+    let s = stack().await;
+    let trainer = start_trainer(&s.server.url(), "t1").await;
+    s.res
+        .client
+        .publish(
+            lathe_proto::names::SUBMIT_SUBJECT,
+            quick_spec("no-header", 1).into(),
+        )
+        .await
+        .unwrap();
+    s.res.client.flush().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let jobs = s.res.jobs.list().await.unwrap();
+        if let Some(r) = jobs
+            .iter()
+            .find(|r| r.name == "no-header" && r.state.is_terminal())
+        {
+            assert_eq!(r.state, JobState::Completed);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    trainer.stop().await;
+}

@@ -1,0 +1,5 @@
+//! The end-to-end suite: one binary, real nats-server, real services, real training.
+
+mod intake;
+mod trainer;
+mod worker;
