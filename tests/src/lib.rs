@@ -79,6 +79,15 @@ pub fn bin_dir() -> PathBuf {
 
 /// Starts a service binary as its own process.
 pub fn spawn_service(bin: &str, url: &str, env: &[(&str, &str)]) -> Child {
+    spawn_service_inner(bin, url, env, false)
+}
+
+/// Starts a service binary with its log output (stdout) piped to the test.
+pub fn spawn_service_with_logs(bin: &str, url: &str, env: &[(&str, &str)]) -> Child {
+    spawn_service_inner(bin, url, env, true)
+}
+
+fn spawn_service_inner(bin: &str, url: &str, env: &[(&str, &str)], piped: bool) -> Child {
     let path = bin_dir().join(bin);
     assert!(
         path.is_file(),
@@ -89,7 +98,13 @@ pub fn spawn_service(bin: &str, url: &str, env: &[(&str, &str)]) -> Child {
     cmd.env("NATS_URL", url)
         .env("LATHE_ACK_WAIT_SECS", "3")
         .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
+        .stdout(if piped {
+            Stdio::piped()
+        } else if std::env::var_os("TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .stderr(if std::env::var_os("TEST_LOG").is_some() {
             Stdio::inherit()
         } else {

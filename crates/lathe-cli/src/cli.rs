@@ -47,6 +47,16 @@ pub enum Command {
     Up,
     /// Run the whole chain on the built-in digits data and print the result.
     Demo,
+    /// Draw a job's waterfall (from its record, or from Jaeger with --fetch) and print its Jaeger link.
+    Trace {
+        job: String,
+        /// Jaeger's UI/query base URL, e.g. http://localhost:16686.
+        #[arg(long, env = "LATHE_JAEGER_URL")]
+        jaeger: Option<String>,
+        /// Fetch the trace from Jaeger's query API (/api/v3/traces/<id>) and draw that.
+        #[arg(long, requires = "jaeger")]
+        fetch: bool,
+    },
     /// Datasets in the lathe-datasets bucket.
     #[command(subcommand)]
     Dataset(DatasetCommand),

@@ -12,7 +12,7 @@ use lathe_runtime::{NatsSettings, Resources, WorkerSettings, provision, settings
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Cli, Command, DatasetCommand, Global};
-use crate::{local, watch};
+use crate::{local, trace_view, watch};
 
 /// The sample job of the demo: the built-in digits data through every available stage.
 const DEMO_SPEC: &str = include_str!("../../../proto/examples/valid/digits.json");
@@ -210,6 +210,57 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => demo(&g).await,
+        Command::Trace { job, jaeger, fetch } => {
+            let job = parse_job(&job)?;
+            let bars = if fetch {
+                let base = jaeger.clone().unwrap_or_default();
+                let url = format!(
+                    "{}/api/v3/traces/{}",
+                    base.trim_end_matches('/'),
+                    job.trace_id_hex()
+                );
+                let body: serde_json::Value =
+                    tokio::task::spawn_blocking(move || -> anyhow::Result<serde_json::Value> {
+                        Ok(ureq::get(&url)
+                            .call()
+                            .with_context(|| format!("GET {url}"))?
+                            .into_json()?)
+                    })
+                    .await??;
+                trace_view::from_jaeger_v3(&body)?
+            } else {
+                let res = connect(&g).await?;
+                let Some((record, _)) = res.jobs.get(job).await? else {
+                    bail!("no job {job}")
+                };
+                if !g.json {
+                    println!(
+                        "job {job}  {}  {:?}  (trace id {})",
+                        record.name,
+                        record.state,
+                        job.trace_id_hex()
+                    );
+                }
+                trace_view::from_record(&record)
+            };
+            if g.json {
+                let rows: Vec<_> = bars
+                    .iter()
+                    .map(|b| serde_json::json!({"name": b.name, "service": b.service, "start_unix_ms": b.start_ms, "end_unix_ms": b.end_ms}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", trace_view::render(&bars, 48));
+                if let Some(base) = jaeger {
+                    println!(
+                        "Jaeger: {}/trace/{}",
+                        base.trim_end_matches('/'),
+                        job.trace_id_hex()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dataset(DatasetCommand::Put { name, file }) => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;

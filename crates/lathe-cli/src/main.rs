@@ -5,6 +5,7 @@
 mod cli;
 mod commands;
 mod local;
+mod trace_view;
 mod watch;
 
 use std::process::ExitCode;
@@ -28,10 +29,11 @@ fn main() -> ExitCode {
         .runs_services()
         .then(|| runtime.block_on(async { lathe_runtime::trace::init_telemetry("lathe") }));
     let result = runtime.block_on(commands::run(args));
-    drop(runtime);
+    // Flush spans while the runtime that drives the gRPC exporter still runs.
     if let Some(t) = telemetry {
         t.shutdown();
     }
+    drop(runtime);
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -48,7 +48,10 @@ pub async fn run_intake(
                 continue;
             }
         };
-        while let Some(msg) = batch.next().await {
+        while let Some(msg) = tokio::select! {
+            m = batch.next() => m,
+            _ = shutdown.cancelled() => None,
+        } {
             let Ok(msg) = msg else { continue };
             if let Err(e) = intake_one(&res, service, &msg).await {
                 tracing::warn!(error = %e, "Submission not processed; it will be redelivered");
@@ -107,6 +110,7 @@ async fn intake_one(
         .and_then(|h| h.get(names::CONTENT_TYPE_HEADER))
         .map(|v| v.as_str().to_string());
     let format = Format::sniff(&msg.payload, content_type.as_deref());
+    let received_ms = now_ms();
     let job = match job_id_of(msg) {
         Ok(j) => j,
         Err(e) => {
@@ -130,28 +134,37 @@ async fn intake_one(
         Ok(s) => s.name.clone(),
         Err(_) => best_effort_name(&msg.payload, format),
     };
-    let (root_cx, mut root) = trace::start_job_root(job, &name, service);
-    let span = tracing::info_span!("intake", otel.name = "intake lathe.jobs.submit", otel.kind = "consumer",
+    let span = tracing::info_span!("intake", otel.name = "process lathe.jobs.submit", otel.kind = "consumer",
         messaging.system = "nats", messaging.destination.name = names::SUBMIT_SUBJECT,
-        messaging.operation.type = "process", lathe.job.id = %job);
-    let _ = span.set_parent(root_cx);
-    let result = async {
+        messaging.operation.type = "process", lathe.job.id = %job, trace_id = %job.trace_id_hex(), span_id = tracing::field::Empty);
+    let _ = span.set_parent(trace::job_root_context(job));
+    trace::record_span_id(&span);
+    async {
         match parsed {
-            Ok(spec) => accept(res, job, spec, &tracing::Span::current()).await,
+            Ok(spec) => {
+                accept(
+                    res,
+                    job,
+                    spec,
+                    service,
+                    received_ms,
+                    &tracing::Span::current(),
+                )
+                .await
+            }
             Err(errors) => reject(res, job, name, errors).await,
         }
     }
     .instrument(span)
-    .await;
-    use opentelemetry::trace::Span as _;
-    root.end();
-    result
+    .await
 }
 
 async fn accept(
     res: &Resources,
     job: JobId,
     spec: JobSpec,
+    service: &str,
+    received_ms: u64,
     span: &tracing::Span,
 ) -> Result<(), RuntimeError> {
     let now = now_ms();
@@ -163,9 +176,16 @@ async fn accept(
         spec: Some(spec.clone()),
         errors: vec![],
         error: None,
-        submitted_at_ms: now,
+        submitted_at_ms: received_ms,
         updated_at_ms: now,
         finished_at_ms: None,
+        spans: vec![lathe_proto::SpanTiming {
+            name: "process lathe.jobs.submit".into(),
+            service: service.to_string(),
+            stage: None,
+            start_unix_ms: received_ms,
+            end_unix_ms: now,
+        }],
         steps: spec
             .pipeline
             .iter()
@@ -185,7 +205,6 @@ async fn accept(
                 progress: None,
             })
             .collect(),
-        spans: vec![],
     };
     let accepted_at = match res.jobs.create(&record).await? {
         true => {
@@ -197,7 +216,7 @@ async fn accept(
                 ))
                 .await;
             tracing::info!(%job, name = %spec.name, "Job accepted");
-            now
+            received_ms
         }
         // A redelivered submission: the record exists, so only make sure the first task is
         // queued (the stream drops the duplicate).
@@ -254,6 +273,12 @@ async fn reject(
     };
     if res.jobs.create(&record).await? {
         tracing::info!(%job, %summary, "Job rejected");
+        trace::end_job_root(
+            job,
+            &record.name,
+            now,
+            Some(&format!("invalid spec: {summary}")),
+        );
         res.events
             .emit(
                 EventBuilder::new(job, EventKind::Rejected, format!("invalid spec: {summary}"))

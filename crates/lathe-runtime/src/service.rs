@@ -68,8 +68,10 @@ pub fn main<H: StageHandler>(service: &'static str, handler: H) -> ExitCode {
         tracing::info!("Stopped");
         Ok(())
     });
-    drop(runtime);
+    // Flush spans while the runtime that drives the gRPC exporter still runs (this thread is
+    // outside it, so the blocking shutdown does not stall it).
     telemetry.shutdown();
+    drop(runtime);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

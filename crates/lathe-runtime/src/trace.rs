@@ -2,9 +2,11 @@
 //! standard `OTEL_EXPORTER_OTLP_*` variables say where; W3C trace context carried in NATS
 //! headers so that one job is one trace across every service.
 //!
-//! A job's id is its trace id. The SDK draws trace ids from its id generator and ignores a
-//! builder's trace id, so intake's root span takes the job id through [`JobIdGenerator`],
-//! which hands out a forced id when one is set on the current thread.
+//! A job's id is its trace id. The SDK draws ids from its id generator and ignores a
+//! builder's trace id, so the job's root span takes the job id (and a span id derived from
+//! it) through [`JobIdGenerator`], which hands out forced ids when they are set on the
+//! current thread. The root span is emitted when the job ends, spanning the whole job; every
+//! span before that parents to its (derived) id.
 
 use std::cell::Cell;
 
@@ -24,6 +26,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 thread_local! {
     static FORCED_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
+    static FORCED_SPAN_ID: Cell<Option<SpanId>> = const { Cell::new(None) };
 }
 
 /// Random ids, except a trace id forced for the current thread by [`with_trace_id`].
@@ -39,16 +42,29 @@ impl IdGenerator for JobIdGenerator {
             .unwrap_or_else(|| self.random.new_trace_id())
     }
     fn new_span_id(&self) -> SpanId {
-        self.random.new_span_id()
+        FORCED_SPAN_ID
+            .with(|c| c.take())
+            .unwrap_or_else(|| self.random.new_span_id())
     }
 }
 
-/// Runs `f` (which must start exactly one root span, synchronously) with its trace id forced.
-fn with_trace_id<R>(id: TraceId, f: impl FnOnce() -> R) -> R {
-    FORCED_TRACE_ID.with(|c| c.set(Some(id)));
+/// Runs `f` (which must start exactly one span, synchronously, without a parent) with its
+/// trace id and span id forced.
+fn with_ids<R>(trace_id: TraceId, span_id: SpanId, f: impl FnOnce() -> R) -> R {
+    FORCED_TRACE_ID.with(|c| c.set(Some(trace_id)));
+    FORCED_SPAN_ID.with(|c| c.set(Some(span_id)));
     let r = f();
     FORCED_TRACE_ID.with(|c| c.set(None));
+    FORCED_SPAN_ID.with(|c| c.set(None));
     r
+}
+
+/// Writes a span's OpenTelemetry span id into its `span_id` field, so that every log line
+/// inside it (JSON logs list the spans in scope) names the span a trace view shows.
+pub fn record_span_id(span: &tracing::Span) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let id = span.context().span().span_context().span_id();
+    span.record("span_id", tracing::field::display(id));
 }
 
 /// The trace id of a job.
@@ -90,6 +106,12 @@ fn otlp_endpoint_set() -> bool {
 /// endpoint spans are still created (so trace ids reach logs and headers) but not exported.
 /// Safe to call more than once in one process (the first call wins), as `lathe up` does.
 pub fn init_telemetry(service: &str) -> Telemetry {
+    init_telemetry_with(service, "info")
+}
+
+/// [`init_telemetry`] with another default log level (`RUST_LOG` still wins); the demo keeps
+/// the terminal for its progress bars with `"warn"`.
+pub fn init_telemetry_with(service: &str, default_level: &str) -> Telemetry {
     let service_name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_string());
     let mut builder = SdkTracerProvider::builder()
         .with_id_generator(JobIdGenerator::default())
@@ -120,8 +142,11 @@ pub fn init_telemetry(service: &str) -> Telemetry {
     let provider = builder.build();
     global::set_text_map_propagator(TraceContextPropagator::new());
 
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{default_level},async_nats=warn,opentelemetry=warn,opentelemetry_sdk=warn"
+        ))
+    });
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service_name));
     let json = std::env::var("LATHE_LOG_FORMAT")
         .map(|v| v == "json")
@@ -132,8 +157,8 @@ pub fn init_telemetry(service: &str) -> Telemetry {
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
-                    .with_current_span(true)
-                    .with_span_list(false),
+                    .with_current_span(false)
+                    .with_span_list(true),
             )
             .try_init()
     } else {
@@ -185,36 +210,50 @@ pub fn extract(headers: Option<&HeaderMap>) -> Context {
     }
 }
 
-/// Starts a job's root span (its trace id is the job id) and returns its context. Without a
-/// tracer provider the context still carries the job's trace id, so headers and logs agree.
-pub fn start_job_root(
-    job: JobId,
-    name: &str,
-    service: &str,
-) -> (Context, opentelemetry::global::BoxedSpan) {
-    let tracer = global::tracer(service.to_string());
-    let span = with_trace_id(job_trace_id(job), || {
+/// The span id of a job's root span, derived from the job id so that every service can
+/// parent to it and the one that ends the job can emit it, without storing it anywhere.
+pub fn root_span_id(job: JobId) -> SpanId {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("lathe-root:{job}"));
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    if bytes == [0; 8] {
+        bytes[7] = 1;
+    }
+    SpanId::from_bytes(bytes)
+}
+
+/// The context of a job's root span (trace id = job id), to parent the job's first spans.
+pub fn job_root_context(job: JobId) -> Context {
+    Context::new().with_remote_span_context(SpanContext::new(
+        job_trace_id(job),
+        root_span_id(job),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    ))
+}
+
+/// Emits a job's root span, from its acceptance to now, when the job ends. The span's ids
+/// are forced to the job's trace id and derived root span id, so the spans every stage
+/// parented to it during the job hang under it.
+pub fn end_job_root(job: JobId, name: &str, started_unix_ms: u64, failure: Option<&str>) {
+    let tracer = global::tracer("lathe");
+    let start = std::time::UNIX_EPOCH + std::time::Duration::from_millis(started_unix_ms);
+    let mut span = with_ids(job_trace_id(job), root_span_id(job), || {
         tracer
             .span_builder(format!("job {name}"))
             .with_kind(SpanKind::Internal)
+            .with_start_time(start)
             .with_attributes(vec![
                 KeyValue::new("lathe.job.id", job.to_string()),
                 KeyValue::new("lathe.job.name", name.to_string()),
             ])
-            .start(&tracer)
+            .start_with_context(&tracer, &Context::new())
     });
-    let sc = span.span_context().clone();
-    let cx = if sc.is_valid() && sc.trace_id() == job_trace_id(job) {
-        Context::new().with_remote_span_context(sc)
-    } else {
-        let id = SpanId::from_bytes(rand::random::<[u8; 8]>());
-        Context::new().with_remote_span_context(SpanContext::new(
-            job_trace_id(job),
-            id,
-            TraceFlags::SAMPLED,
-            true,
-            TraceState::default(),
-        ))
-    };
-    (cx, span)
+    if let Some(reason) = failure {
+        span.set_status(opentelemetry::trace::Status::error(reason.to_string()));
+        span.set_attribute(KeyValue::new("error.type", "job_failed"));
+    }
+    span.end();
 }

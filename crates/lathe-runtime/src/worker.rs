@@ -158,7 +158,10 @@ pub async fn run_worker<H: StageHandler>(
                 continue;
             }
         };
-        while let Some(msg) = batch.next().await {
+        while let Some(msg) = tokio::select! {
+            m = batch.next() => m,
+            _ = shutdown.cancelled() => None,
+        } {
             match msg {
                 Ok(msg) => {
                     let (res, h) = (resources.clone(), handler.clone());
@@ -242,7 +245,9 @@ async fn handle<H: StageHandler>(res: Resources, handler: Arc<H>, msg: jetstream
         otel.name = %format!("process {subject}"),
         otel.kind = "consumer",
         otel.status_code = tracing::field::Empty,
-        error.r#type = tracing::field::Empty,
+        "error.type" = tracing::field::Empty,
+        trace_id = %job.trace_id_hex(),
+        span_id = tracing::field::Empty,
         messaging.system = "nats",
         messaging.destination.name = %subject,
         messaging.operation.type = "process",
@@ -253,6 +258,7 @@ async fn handle<H: StageHandler>(res: Resources, handler: Arc<H>, msg: jetstream
         lathe.delivery = delivered,
     );
     let _ = span.set_parent(trace::extract(headers.as_ref()));
+    trace::record_span_id(&span);
     let ctx_span = span.clone();
     async move {
         // The job's record decides whether there is anything left to do.
@@ -388,7 +394,7 @@ async fn handle<H: StageHandler>(res: Resources, handler: Arc<H>, msg: jetstream
             Ok(out) => finish(&res, &task, out, started, &acker, delivered, &ctx_span).await,
             Err(err) => {
                 ctx_span.record("otel.status_code", "ERROR");
-                ctx_span.record("error.r#type", err.kind());
+                ctx_span.record("error.type", err.kind());
                 let last = delivered >= res.worker.max_deliver as u64;
                 match err {
                     StageError::Retryable(reason) if !last => {
@@ -433,19 +439,19 @@ async fn finish(
     span: &tracing::Span,
 ) {
     let (job, stage) = (task.job_id, task.stage);
+    let store = tracing::info_span!("store artifact");
     let artifact = match &out.artifact {
-        Some(bytes) => match res
-            .artifacts
-            .put(&names::artifact_name(job, task.step, stage), bytes)
-            .await
-        {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::warn!(error = %e, "Cannot store the artifact; retrying later");
-                let _ = acker.ack_with(AckKind::Nak(Some(backoff(delivered)))).await;
-                return;
+        Some(bytes) => {
+            let name = names::artifact_name(job, task.step, stage);
+            match res.artifacts.put(&name, bytes).instrument(store).await {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot store the artifact; retrying later");
+                    let _ = acker.ack_with(AckKind::Nak(Some(backoff(delivered)))).await;
+                    return;
+                }
             }
-        },
+        }
         None => None,
     };
     for (k, v) in &out.metrics {
@@ -492,6 +498,7 @@ async fn finish(
         )
         .await;
     if last {
+        trace::end_job_root(job, &task.spec.name, task.accepted_at_ms, None);
         res.events
             .emit(EventBuilder::new(
                 job,
@@ -606,10 +613,13 @@ async fn give_up(
 /// Marks the job (and the task's step) failed with a reason, and says so in events.
 pub(crate) async fn fail_job(res: &Resources, task: &StageTask, reason: &str) {
     let now = now_ms();
+    // Whether this call is the one that ended the job (the closure may run again on conflict).
+    let mut ended_here = false;
     let updated = res
         .jobs
         .update(task.job_id, |r| {
-            if r.state.is_terminal() {
+            ended_here = !r.state.is_terminal();
+            if !ended_here {
                 return Change::Keep;
             }
             r.state = JobState::Failed;
@@ -623,8 +633,15 @@ pub(crate) async fn fail_job(res: &Resources, task: &StageTask, reason: &str) {
             Change::Write
         })
         .await;
-    if let Err(e) = updated {
-        tracing::warn!(job = %task.job_id, error = %e, "Cannot mark the job failed");
+    match updated {
+        Err(e) => tracing::warn!(job = %task.job_id, error = %e, "Cannot mark the job failed"),
+        Ok(_) if ended_here => trace::end_job_root(
+            task.job_id,
+            &task.spec.name,
+            task.accepted_at_ms,
+            Some(reason),
+        ),
+        Ok(_) => {}
     }
     res.events
         .emit(

@@ -1,8 +1,12 @@
 //! Test support for lathe: a real `nats-server` with JetStream, started on a free port with
 //! its own store directory and killed when dropped — never a mock.
 //!
+//! [`otlp`] holds an OTLP trace receiver, so trace tests check what services really export.
+//!
 //! The binary is `nats-server` on `PATH`, or the one named by `NATS_SERVER_BIN`. When it is
 //! missing the panic says how to install it.
+
+pub mod otlp;
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};

@@ -14,6 +14,7 @@ use lathe_model::mlp::MlpConfig;
 use lathe_model::train::{TrainConfig, train_mlp};
 use lathe_proto::{Progress, Stage, StageTask, now_ms};
 use lathe_runtime::{StageError, StageHandler, StageOutput, TaskContext};
+use tracing::Instrument;
 
 /// The train stage.
 #[derive(Clone, Copy, Debug, Default)]
@@ -27,10 +28,9 @@ impl StageHandler for Trainer {
     async fn process(&self, ctx: TaskContext, task: StageTask) -> Result<StageOutput, StageError> {
         let spec = task.spec;
         let load = tracing::info_span!("load dataset", source = %spec.dataset.source);
-        let splits = {
-            let _g = load.enter();
-            dataset::load_splits(&ctx, &spec.dataset, spec.train.seed).await?
-        };
+        let splits = dataset::load_splits(&ctx, &spec.dataset, spec.train.seed)
+            .instrument(load)
+            .await?;
         let model = MlpConfig {
             input: splits.train.n_features,
             hidden: spec.model.hidden.iter().map(|w| *w as usize).collect(),
