@@ -9,6 +9,7 @@
 //! - [`jobs`]: job records in the `lathe-jobs` bucket, changed only by compare-and-set.
 //! - [`events`]: job events on `lathe.events.<job>.<kind>`.
 //! - [`artifacts`]: model artifacts and datasets in object stores, digests checked on read.
+//! - [`dataset`]: the job's train/validation/test splits from its spec, for every stage.
 //! - [`trace`]: W3C trace context in NATS headers, and telemetry set-up (logs and OTLP).
 //! - [`worker`]: the stage worker loop every service runs.
 //! - [`intake`]: validation of submitted specs into job records and first tasks.
@@ -18,6 +19,7 @@
 //! and never publish work themselves.
 
 pub mod artifacts;
+pub mod dataset;
 pub mod error;
 pub mod events;
 pub mod intake;

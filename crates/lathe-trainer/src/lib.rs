@@ -2,10 +2,6 @@
 //! `lathe-datasets` bucket), splits it by seed, trains the MLP the spec describes with burn,
 //! evaluates it on the test split, and hands a self-describing artifact to the next stage.
 //!
-//! Modules: [`dataset`] turns a spec's dataset section into train/validation/test splits;
-//! this file holds the [`Trainer`] stage.
-
-pub mod dataset;
 
 use std::collections::BTreeMap;
 
@@ -28,7 +24,7 @@ impl StageHandler for Trainer {
     async fn process(&self, ctx: TaskContext, task: StageTask) -> Result<StageOutput, StageError> {
         let spec = task.spec;
         let load = tracing::info_span!("load dataset", source = %spec.dataset.source);
-        let splits = dataset::load_splits(&ctx, &spec.dataset, spec.train.seed)
+        let splits = lathe_runtime::dataset::load_splits(&ctx, &spec.dataset, spec.train.seed)
             .instrument(load)
             .await?;
         let model = MlpConfig {

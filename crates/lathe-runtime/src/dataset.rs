@@ -1,9 +1,11 @@
 //! From a spec's `dataset` section to train/validation/test splits: fetch the bytes from
-//! where the source says, parse them in the stated format, split by seed.
+//! where the source says (built-in, a file on the worker, the `lathe-datasets` bucket), parse
+//! them in the stated format, split by seed. Every stage that needs the job's data (train,
+//! distill, prune, quantize, deploy) loads it the same way, so the splits agree.
 
+use crate::worker::{StageError, TaskContext};
 use lathe_model::data::{self, Dataset, Splits};
 use lathe_proto::spec::{DataSource, DatasetFormat, DatasetSpec};
-use lathe_runtime::{StageError, TaskContext};
 
 async fn fetch(ctx: &TaskContext, source: &DataSource) -> Result<Vec<u8>, StageError> {
     match source {
