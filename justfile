@@ -24,10 +24,12 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Benchmarks: prints tables, writes JSON under bench/results/.
+# Benchmarks: prints tables, writes JSON and a Markdown summary under bench/results/. The
+# PyTorch peer runs beside them when a Python with torch is found (LATHE_PEER_PYTHON).
 bench:
     mkdir -p bench/results
-    cargo run --release -p lathe-model --bin lathe-model-bench -- --out bench/results/model.json
+    RAYON_NUM_THREADS=1 cargo run --release -p lathe-model --bin lathe-model-bench -- --out bench/results/model.json
+    python3 bench/report.py
 
 # Rewrite proto/schemas from the Rust types after a deliberate change.
 schemas:

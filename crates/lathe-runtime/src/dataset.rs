@@ -69,3 +69,60 @@ pub async fn load_splits(
     )
     .map_err(|e| StageError::Permanent(format!("dataset: {e}")))
 }
+
+/// The model a stage starts from: the previous stage's artifact, or — for a pipeline without
+/// `train` — the network imported from `model.source` (a PyTorch `nn.Sequential` state dict
+/// in safetensors). An imported network is taken to expect inputs standardised on the job's
+/// train split (population std, as scikit-learn's `StandardScaler` does), so that scaler is
+/// fitted here and stored with it; its test accuracy is measured and recorded.
+pub async fn input_model(
+    ctx: &TaskContext,
+    task: &lathe_proto::StageTask,
+    splits: &Splits,
+) -> Result<lathe_model::Artifact, StageError> {
+    use lathe_model::{Artifact, Engine, Standardizer};
+    if let Some(r) = &task.input {
+        let bytes = ctx.load_artifact(r).await?;
+        return Artifact::from_bytes(&bytes)
+            .map_err(|e| StageError::Permanent(format!("artifact `{}`: {e}", r.name)));
+    }
+    let Some(source) = &task.spec.model.source else {
+        return Err(StageError::Permanent(
+            "no input artifact: the pipeline has no `train` and model.source is not set".into(),
+        ));
+    };
+    let bytes = fetch(ctx, source).await?;
+    let bad = |what: String| StageError::Permanent(format!("model.source `{source}`: {what}"));
+    let (config, layers) = lathe_model::interop::import_safetensors(&bytes).map_err(|e| bad(e.to_string()))?;
+    if config.input != splits.train.n_features {
+        return Err(bad(format!(
+            "the network takes {} inputs but the dataset has {} features",
+            config.input, splits.train.n_features
+        )));
+    }
+    if config.classes != splits.train.n_classes() {
+        return Err(bad(format!(
+            "the network has {} outputs but the dataset has {} classes",
+            config.classes,
+            splits.train.n_classes()
+        )));
+    }
+    let mut artifact = Artifact::from_imported(
+        config,
+        layers,
+        Standardizer::fit(&splits.train),
+        splits.train.feature_names.clone(),
+        splits.train.class_labels.clone(),
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    let engine = Engine::from_artifact(&artifact).map_err(|e| bad(e.to_string()))?;
+    let test = lathe_model::eval::try_evaluate(&engine, &splits.test).map_err(|e| bad(e.to_string()))?;
+    let validation =
+        lathe_model::eval::try_evaluate(&engine, &splits.validation).map_err(|e| bad(e.to_string()))?;
+    artifact.metrics.insert("test_accuracy".into(), test.accuracy);
+    artifact.metrics.insert("validation_accuracy".into(), validation.accuracy);
+    if let Some(entry) = artifact.lineage.last_mut() {
+        entry.metrics = artifact.metrics.clone();
+    }
+    Ok(artifact)
+}

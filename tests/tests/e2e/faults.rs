@@ -1,0 +1,79 @@
+//! Faults against real processes and a real server: nats-server restarted mid-batch, and a
+//! flood of malformed messages on every subject lathe listens to.
+
+use std::time::Duration;
+
+use lathe_proto::{JobState, Stage, names};
+use lathe_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_job_completes_across_a_nats_server_restart() {
+    let mut s = stack().await;
+    let url = s.server.url();
+    let mut trainer = spawn_service("lathe-trainer", &url, &[("LATHE_WORKER_ID", "restart")]);
+    let mut jobs = Vec::new();
+    for i in 0..4 {
+        // Full-size jobs (seconds each) so the restart lands while tasks are in flight.
+        let spec = format!(
+            r#"{{"name": "restart-{i}", "dataset": {{"source": "builtin:digits"}}, "model": {{"hidden": [256, 128]}},
+                "train": {{"epochs": 80, "patience": null, "seed": {i}}}}}"#
+        );
+        jobs.push(submit(&s.res, spec.as_bytes()).await);
+    }
+    // Let the batch get going, then crash the server (SIGKILL) and bring it back on the same
+    // port and store.
+    wait_event(&s.res, jobs[0], lathe_proto::EventKind::StageStarted, Duration::from_secs(30)).await;
+    s.server.restart();
+    let (first, _) = s.res.jobs.get(jobs[0]).await.unwrap().unwrap();
+    assert!(!first.state.is_terminal(), "the restart should land while the first job runs");
+    for job in jobs {
+        let r = wait_job(&s.res, job, Duration::from_secs(180)).await;
+        assert_eq!(r.state, JobState::Completed, "{job}: {:?}", r.error);
+    }
+    trainer.kill().unwrap();
+    trainer.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_malformed_messages_leaves_every_service_serving() {
+    let s = stack().await;
+    let mut trainer = spawn_service("lathe-trainer", &s.server.url(), &[]);
+    let garbage: Vec<Vec<u8>> = vec![
+        vec![],
+        b"{".to_vec(),
+        b"null".to_vec(),
+        b"[1,2,3]".to_vec(),
+        vec![0xde, 0xff, 0xff],
+        vec![0x82, 0xa1, b'x', 0xc1],
+        (0..=255u8).collect(),
+        br#"{"name": 5}"#.to_vec(),
+    ];
+    let mut subjects = vec![names::SUBMIT_SUBJECT.to_string()];
+    subjects.extend(Stage::ALL.iter().map(|s| names::work_subject(*s)));
+    for _ in 0..10 {
+        for subject in &subjects {
+            for g in &garbage {
+                s.res.client.publish(subject.clone(), g.clone().into()).await.unwrap();
+            }
+        }
+    }
+    s.res.client.flush().await.unwrap();
+    // A good job still goes through, and the service is still running.
+    let job = submit(&s.res, &quick_spec("after-the-flood", 2)).await;
+    let r = wait_job(&s.res, job, Duration::from_secs(120)).await;
+    assert_eq!(r.state, JobState::Completed, "{:?}", r.error);
+    assert!(trainer.try_wait().unwrap().is_none(), "the trainer exited");
+    // The garbage on the train subject was dead-lettered, not lost or retried forever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let dead = dead_letters(&s.res).await;
+        let train_dead = dead.iter().filter(|d| d.subject == "lathe.work.train").count();
+        if train_dead >= 10 * garbage.len() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "only {train_dead} dead letters for lathe.work.train");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    trainer.kill().unwrap();
+    trainer.wait().unwrap();
+}
