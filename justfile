@@ -29,6 +29,8 @@ lint:
 bench:
     mkdir -p bench/results
     RAYON_NUM_THREADS=1 cargo run --release -p lathe-model --bin lathe-model-bench -- --out bench/results/model.json
+    RAYON_NUM_THREADS=1 cargo run --release -p lathe-model --bin lathe-distill-bench -- --out bench/results/distill.json
+    RAYON_NUM_THREADS=1 cargo run --release -p lathe-model --bin lathe-compress-bench -- --out bench/results/compress.json
     python3 bench/report.py
 
 # Rewrite proto/schemas from the Rust types after a deliberate change.

@@ -55,16 +55,26 @@ impl InProcess {
     }
 }
 
-pub async fn start_trainer(url: &str, id: &str) -> InProcess {
+/// A stage service (intake and its worker) running in this process until stopped.
+pub async fn start_stage<H: lathe_runtime::StageHandler>(
+    url: &str,
+    id: &str,
+    service_name: &'static str,
+    handler: H,
+) -> InProcess {
     let res = connect(url, id).await;
     let stop = CancellationToken::new();
     let s = stop.clone();
     let handle = tokio::spawn(async move {
-        service::serve(res, "lathe-trainer", lathe_trainer::Trainer, s)
+        service::serve(res, service_name, handler, s)
             .await
-            .expect("trainer serves");
+            .expect("the stage serves");
     });
     InProcess { stop, handle }
+}
+
+pub async fn start_trainer(url: &str, id: &str) -> InProcess {
+    start_stage(url, id, "lathe-trainer", lathe_trainer::Trainer).await
 }
 
 /// The directory holding the workspace's binaries (`cargo build --bins` puts them there).

@@ -15,7 +15,7 @@ use crate::cli::{Cli, Command, DatasetCommand, Global};
 use crate::{local, trace_view, watch};
 
 /// The sample job of the demo: the built-in digits data through every available stage.
-const DEMO_SPEC: &str = include_str!("../../../proto/examples/valid/digits.json");
+const DEMO_SPEC: &str = include_str!("../../../proto/examples/valid/digits-chain.json");
 
 async fn connect(global: &Global) -> anyhow::Result<Resources> {
     let mut nats = NatsSettings::from_env()?;
@@ -332,12 +332,28 @@ async fn demo(g: &Global) -> anyhow::Result<ExitCode> {
     let code = follow(&res, job, g.json).await?;
     if let Some((record, _)) = res.jobs.get(job).await?
         && record.state == JobState::Completed
-        && let Some(acc) = record
-            .steps
-            .iter()
-            .find_map(|s| s.metrics.get("test_accuracy"))
     {
-        println!("trained model test accuracy: {:.2} %", acc * 100.0);
+        for step in &record.steps {
+            let accuracy = step
+                .metrics
+                .get("test_accuracy")
+                .copied()
+                .unwrap_or(f64::NAN);
+            let bytes = step
+                .metrics
+                .get("artifact_bytes")
+                .copied()
+                .unwrap_or(f64::NAN);
+            let what = if step.stage == lathe_proto::Stage::Train {
+                "trained model"
+            } else {
+                step.stage.as_str()
+            };
+            println!(
+                "{what}: test accuracy {:.2} %, artifact {bytes} bytes",
+                accuracy * 100.0
+            );
+        }
     }
     stop.cancel();
     match services.await {

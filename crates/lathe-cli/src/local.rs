@@ -109,6 +109,27 @@ pub async fn run_services(url: String, shutdown: CancellationToken) -> anyhow::R
         lathe_trainer::Trainer,
         shutdown.clone(),
     ));
+    let distiller = service::start("lathe-distiller", &nats, worker.clone()).await?;
+    tasks.spawn(service::serve(
+        distiller,
+        "lathe-distiller",
+        lathe_distiller::Distiller,
+        shutdown.clone(),
+    ));
+    let pruner = service::start("lathe-pruner", &nats, worker.clone()).await?;
+    tasks.spawn(service::serve(
+        pruner,
+        "lathe-pruner",
+        lathe_pruner::Pruner,
+        shutdown.clone(),
+    ));
+    let quantizer = service::start("lathe-quantizer", &nats, worker.clone()).await?;
+    tasks.spawn(service::serve(
+        quantizer,
+        "lathe-quantizer",
+        lathe_quantizer::Quantizer,
+        shutdown.clone(),
+    ));
     while let Some(done) = tasks.join_next().await {
         done??;
     }

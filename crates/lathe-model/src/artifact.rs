@@ -102,6 +102,79 @@ pub enum TensorData {
         #[serde(with = "f32_bytes")]
         values: Vec<f32>,
     },
+    /// Only the non-zero values of an `f32` tensor, with their positions: the storage of a
+    /// pruned weight, whose size is proportional to its non-zeros, not to its shape.
+    ///
+    /// `indices` are positions in the row-major dense tensor, strictly increasing; they are
+    /// written as LEB128 varints of the gaps between consecutive positions (one byte per
+    /// non-zero while the gaps stay under 128, i.e. at any sparsity a pruned MLP reaches),
+    /// and `values` as the same four byte planes as [`TensorData::DenseF32`].
+    SparseF32 {
+        /// The logical dimensions, outermost first (`[out, in]` for a weight).
+        shape: Vec<usize>,
+        /// Row-major positions of the stored values, strictly increasing.
+        #[serde(with = "index_gaps")]
+        indices: Vec<u32>,
+        /// The values at `indices` (exact zeros are not stored, but allowed).
+        #[serde(with = "f32_bytes")]
+        values: Vec<f32>,
+    },
+    /// Integer-quantized values: `value = scale · (q − zero_point)`, with one scale (and
+    /// zero point) per `group` consecutive row-major elements — `group` = the row length is
+    /// per output channel, = the element count is per tensor. 8-bit values are one `i8` a
+    /// byte; 4-bit values (−8…7) are packed two a byte, the first in the low nibble. When
+    /// `sparse`, only the elements at `indices` are stored (the rest are exactly 0.0), for a
+    /// pruned and quantized weight.
+    QuantizedInt {
+        shape: Vec<usize>,
+        /// 8 or 4.
+        bits: u8,
+        /// Elements per scale.
+        group: usize,
+        scales: Vec<f32>,
+        /// One per scale; empty for symmetric quantization (zero point 0).
+        zero_points: Vec<i8>,
+        /// Whether only `indices` are stored.
+        sparse: bool,
+        /// Row-major positions of the stored values when `sparse` (else empty).
+        #[serde(with = "index_gaps")]
+        indices: Vec<u32>,
+        /// The quantized values, packed.
+        #[serde(with = "byte_vec")]
+        data: Vec<u8>,
+    },
+}
+
+/// The `k`-th signed value of packed quantized data.
+pub fn quantized_value(data: &[u8], bits: u8, k: usize) -> i8 {
+    if bits == 4 {
+        let byte = data[k / 2];
+        let nibble = if k.is_multiple_of(2) {
+            byte & 0x0f
+        } else {
+            byte >> 4
+        };
+        // Sign-extend the 4-bit two's complement value.
+        ((nibble << 4) as i8) >> 4
+    } else {
+        data[k] as i8
+    }
+}
+
+/// Packs signed values of `bits` (8, or 4 with values in −8…7) into bytes.
+pub fn pack_quantized(values: &[i8], bits: u8) -> Vec<u8> {
+    if bits == 4 {
+        values
+            .chunks(2)
+            .map(|pair| {
+                let low = (pair[0] as u8) & 0x0f;
+                let high = pair.get(1).map_or(0, |v| (*v as u8) & 0x0f);
+                low | (high << 4)
+            })
+            .collect()
+    } else {
+        values.iter().map(|v| *v as u8).collect()
+    }
 }
 
 impl TensorData {
@@ -109,13 +182,122 @@ impl TensorData {
     pub fn kind(&self) -> &'static str {
         match self {
             TensorData::DenseF32 { .. } => "dense f32",
+            TensorData::SparseF32 { .. } => "sparse f32",
+            TensorData::QuantizedInt {
+                bits: 4,
+                sparse: false,
+                ..
+            } => "int4",
+            TensorData::QuantizedInt { sparse: false, .. } => "int8",
+            TensorData::QuantizedInt { bits: 4, .. } => "sparse int4",
+            TensorData::QuantizedInt { .. } => "sparse int8",
         }
     }
 
     /// The logical shape.
     pub fn shape(&self) -> &[usize] {
         match self {
-            TensorData::DenseF32 { shape, .. } => shape,
+            TensorData::DenseF32 { shape, .. }
+            | TensorData::SparseF32 { shape, .. }
+            | TensorData::QuantizedInt { shape, .. } => shape,
+        }
+    }
+
+    /// The sparse encoding of `values` (row-major over `shape`): every non-zero value and
+    /// its position. Fails when the tensor has more elements than a `u32` position can
+    /// address or `values` does not fill `shape`.
+    pub fn sparse_from_dense(
+        shape: Vec<usize>,
+        values: &[f32],
+    ) -> Result<TensorData, ArtifactError> {
+        let expected: usize = shape.iter().product();
+        if values.len() != expected {
+            return Err(invalid(
+                "sparse tensor",
+                format!(
+                    "shape {shape:?} needs {expected} values, {} given",
+                    values.len()
+                ),
+            ));
+        }
+        if u32::try_from(expected).is_err() {
+            return Err(invalid(
+                "sparse tensor",
+                format!("{expected} elements exceed the u32 positions of the sparse encoding"),
+            ));
+        }
+        let (indices, kept): (Vec<u32>, Vec<f32>) = values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v != 0.0)
+            .map(|(i, v)| (i as u32, *v))
+            .unzip();
+        Ok(TensorData::SparseF32 {
+            shape,
+            indices,
+            values: kept,
+        })
+    }
+
+    /// Every logical value, row-major over the shape (zeros filled in for a sparse
+    /// tensor). Only meaningful on a validated tensor; positions out of range are skipped.
+    pub fn to_dense_values(&self) -> Vec<f32> {
+        match self {
+            TensorData::DenseF32 { values, .. } => values.clone(),
+            TensorData::SparseF32 {
+                indices, values, ..
+            } => {
+                let mut dense = vec![0f32; self.element_count()];
+                for (&i, &v) in indices.iter().zip(values) {
+                    if let Some(slot) = dense.get_mut(i as usize) {
+                        *slot = v;
+                    }
+                }
+                dense
+            }
+            TensorData::QuantizedInt {
+                bits,
+                group,
+                scales,
+                zero_points,
+                sparse,
+                indices,
+                data,
+                ..
+            } => {
+                let n = self.element_count();
+                let mut dense = vec![0f32; n];
+                let value = |k: usize, position: usize| {
+                    let g = position / (*group).max(1);
+                    let q = i32::from(quantized_value(data, *bits, k));
+                    let z = zero_points.get(g).map_or(0, |z| i32::from(*z));
+                    scales.get(g).map_or(0.0, |s| s * (q - z) as f32)
+                };
+                if *sparse {
+                    for (k, &p) in indices.iter().enumerate() {
+                        if let Some(slot) = dense.get_mut(p as usize) {
+                            *slot = value(k, p as usize);
+                        }
+                    }
+                } else {
+                    for (k, slot) in dense.iter_mut().enumerate() {
+                        *slot = value(k, k);
+                    }
+                }
+                dense
+            }
+        }
+    }
+
+    /// The number of non-zero values.
+    pub fn nonzero_count(&self) -> usize {
+        match self {
+            TensorData::DenseF32 { values, .. } | TensorData::SparseF32 { values, .. } => {
+                values.iter().filter(|v| **v != 0.0).count()
+            }
+            TensorData::QuantizedInt { .. } => {
+                self.to_dense_values().iter().filter(|v| **v != 0.0).count()
+            }
         }
     }
 
@@ -128,6 +310,7 @@ impl TensorData {
     pub fn dense_values(&self) -> Option<&[f32]> {
         match self {
             TensorData::DenseF32 { values, .. } => Some(values),
+            TensorData::SparseF32 { .. } | TensorData::QuantizedInt { .. } => None,
         }
     }
 
@@ -150,6 +333,127 @@ impl TensorData {
                 }
                 if let Some(i) = values.iter().position(|v| !v.is_finite()) {
                     return Err(invalid(field, format!("value {i} is not finite")));
+                }
+                Ok(())
+            }
+            TensorData::SparseF32 {
+                shape,
+                indices,
+                values,
+            } => {
+                let elements = shape
+                    .iter()
+                    .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                    .ok_or_else(|| invalid(field, format!("shape {shape:?} overflows")))?;
+                if indices.len() != values.len() {
+                    return Err(invalid(
+                        field,
+                        format!(
+                            "{} positions but {} values stored",
+                            indices.len(),
+                            values.len()
+                        ),
+                    ));
+                }
+                if let Some(k) = indices.windows(2).position(|w| w[0] >= w[1]) {
+                    return Err(invalid(
+                        field,
+                        format!(
+                            "position {} ({}) does not increase on position {k} ({})",
+                            k + 1,
+                            indices[k + 1],
+                            indices[k]
+                        ),
+                    ));
+                }
+                if let Some(&last) = indices.last()
+                    && last as usize >= elements
+                {
+                    return Err(invalid(
+                        field,
+                        format!("position {last} is outside shape {shape:?} ({elements} elements)"),
+                    ));
+                }
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(invalid(field, format!("value {i} is not finite")));
+                }
+                Ok(())
+            }
+            TensorData::QuantizedInt {
+                shape,
+                bits,
+                group,
+                scales,
+                zero_points,
+                sparse,
+                indices,
+                data,
+            } => {
+                let elements = shape
+                    .iter()
+                    .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                    .ok_or_else(|| invalid(field, format!("shape {shape:?} overflows")))?;
+                if *bits != 8 && *bits != 4 {
+                    return Err(invalid(field, format!("{bits} bits (8 or 4 are stored)")));
+                }
+                if *group == 0 {
+                    return Err(invalid(field, "group of 0 elements per scale"));
+                }
+                let groups = elements.div_ceil(*group);
+                if scales.len() != groups {
+                    return Err(invalid(
+                        field,
+                        format!("{} scales for {groups} groups of {group}", scales.len()),
+                    ));
+                }
+                if let Some(i) = scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+                    return Err(invalid(
+                        field,
+                        format!("scale {i} is not a positive finite number"),
+                    ));
+                }
+                if !zero_points.is_empty() && zero_points.len() != groups {
+                    return Err(invalid(
+                        field,
+                        format!("{} zero points for {groups} groups", zero_points.len()),
+                    ));
+                }
+                if *bits == 4
+                    && let Some(i) = zero_points.iter().position(|z| !(-8..=7).contains(z))
+                {
+                    return Err(invalid(field, format!("zero point {i} is outside 4 bits")));
+                }
+                let count = if *sparse {
+                    if let Some(k) = indices.windows(2).position(|w| w[0] >= w[1]) {
+                        return Err(invalid(
+                            field,
+                            format!("position {} does not increase", k + 1),
+                        ));
+                    }
+                    if let Some(&last) = indices.last()
+                        && last as usize >= elements
+                    {
+                        return Err(invalid(
+                            field,
+                            format!("position {last} is outside shape {shape:?}"),
+                        ));
+                    }
+                    indices.len()
+                } else {
+                    if !indices.is_empty() {
+                        return Err(invalid(field, "positions stored for a dense tensor"));
+                    }
+                    elements
+                };
+                let bytes = if *bits == 4 { count.div_ceil(2) } else { count };
+                if data.len() != bytes {
+                    return Err(invalid(
+                        field,
+                        format!(
+                            "{} data bytes for {count} {bits}-bit values (need {bytes})",
+                            data.len()
+                        ),
+                    ));
                 }
                 Ok(())
             }
@@ -653,6 +957,74 @@ mod byte_vec {
     }
 }
 
+/// Serde for strictly increasing `u32` positions as one byte string of LEB128 varints: the
+/// first position, then each gap to the next. A decreasing or repeated position cannot be
+/// written this way, so the writer stores the gap as 0 and the reader's validation (which
+/// requires strictly increasing positions) rejects the artifact rather than misplacing values.
+mod index_gaps {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(indices: &[u32], serializer: S) -> Result<S::Ok, S::Error> {
+        let mut bytes = Vec::with_capacity(indices.len() + 4);
+        let mut previous = 0u32;
+        for (k, &index) in indices.iter().enumerate() {
+            let mut gap = if k == 0 {
+                index
+            } else {
+                index.saturating_sub(previous)
+            };
+            previous = index;
+            loop {
+                let low = (gap & 0x7f) as u8;
+                gap >>= 7;
+                if gap == 0 {
+                    bytes.push(low);
+                    break;
+                }
+                bytes.push(low | 0x80);
+            }
+        }
+        serializer.serialize_bytes(&bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u32>, D::Error> {
+        let bytes = super::byte_vec::deserialize(deserializer)?;
+        let mut indices = Vec::with_capacity(bytes.len());
+        let mut position = 0u64;
+        let mut gap = 0u64;
+        let mut shift = 0u32;
+        for &b in &bytes {
+            if shift > 28 {
+                return Err(serde::de::Error::custom(
+                    "a sparse position gap is longer than a u32 varint",
+                ));
+            }
+            gap |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                position = if indices.is_empty() {
+                    gap
+                } else {
+                    position + gap
+                };
+                let index = u32::try_from(position).map_err(|_| {
+                    serde::de::Error::custom(format!("sparse position {position} exceeds u32"))
+                })?;
+                indices.push(index);
+                gap = 0;
+                shift = 0;
+            } else {
+                shift += 7;
+            }
+        }
+        if shift != 0 {
+            return Err(serde::de::Error::custom(
+                "the sparse positions end inside a varint",
+            ));
+        }
+        Ok(indices)
+    }
+}
+
 /// Serde for a `Vec<f32>` as one byte string of four byte planes: the lowest byte of every
 /// value, then every second byte, and so on (little-endian order within a value). The high
 /// planes (sign and exponent) of trained weights are repetitive; grouped, zstd shrinks a
@@ -691,6 +1063,78 @@ mod f32_bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sparse_encoding_round_trips_exactly_and_grows_with_the_non_zeros() {
+        // Gaps of 1, of 127/128 (the one- and two-byte varint edge), a long run, and
+        // values whose bits (negative zero excepted) must survive unchanged.
+        let mut dense = vec![0f32; 70_000];
+        for (k, i) in [0usize, 1, 128, 256, 383, 20_000, 69_999]
+            .into_iter()
+            .enumerate()
+        {
+            dense[i] = (k as f32 + 0.123_456_7) * if k % 2 == 0 { 1.0 } else { -1e-7 };
+        }
+        let sparse = TensorData::sparse_from_dense(vec![700, 100], &dense).unwrap();
+        sparse.validate("t").unwrap();
+        assert_eq!(sparse.nonzero_count(), 7);
+        let bytes = rmp_serde::to_vec_named(&sparse).unwrap();
+        let back: TensorData = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back, sparse);
+        let restored = back.to_dense_values();
+        assert!(
+            restored
+                .iter()
+                .zip(&dense)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        // 7 values: a few dozen bytes, not the 280 000 of the dense tensor.
+        assert!(bytes.len() < 120, "{} bytes", bytes.len());
+    }
+
+    #[test]
+    fn four_bit_packing_round_trips_every_value() {
+        let values: Vec<i8> = (-8..=7).chain([3, -8, 7]).collect();
+        let packed = pack_quantized(&values, 4);
+        assert_eq!(packed.len(), values.len().div_ceil(2));
+        for (k, &v) in values.iter().enumerate() {
+            assert_eq!(quantized_value(&packed, 4, k), v, "value {k}");
+        }
+        let eight: Vec<i8> = vec![-128, -1, 0, 1, 127];
+        let packed = pack_quantized(&eight, 8);
+        for (k, &v) in eight.iter().enumerate() {
+            assert_eq!(quantized_value(&packed, 8, k), v);
+        }
+    }
+
+    #[test]
+    fn a_sparse_tensor_with_unordered_or_out_of_range_positions_is_refused() {
+        let unordered = TensorData::SparseF32 {
+            shape: vec![2, 3],
+            indices: vec![4, 2],
+            values: vec![1.0, 2.0],
+        };
+        let err = unordered.validate("layers[0].weight").unwrap_err();
+        assert!(err.to_string().contains("layers[0].weight"), "{err}");
+        let outside = TensorData::SparseF32 {
+            shape: vec![2, 3],
+            indices: vec![1, 6],
+            values: vec![1.0, 2.0],
+        };
+        assert!(
+            outside
+                .validate("w")
+                .unwrap_err()
+                .to_string()
+                .contains("outside")
+        );
+        let mismatched = TensorData::SparseF32 {
+            shape: vec![2, 3],
+            indices: vec![1],
+            values: vec![1.0, 2.0],
+        };
+        assert!(mismatched.validate("w").is_err());
+    }
 
     #[test]
     fn bf16_rounding_is_idempotent_and_exact_for_small_integers() {

@@ -152,6 +152,320 @@ fn finish(acc: &[f32], y: &mut [f32], relu: bool) {
     }
 }
 
+/// A sparse weight stored twice, once per access order the kernels need: by input (for
+/// the single-row kernel, which skips the inputs that are zero) and by output (for the
+/// batch kernel, which keeps one output's accumulators in registers).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SparseWeight {
+    pub(crate) n_in: usize,
+    pub(crate) n_out: usize,
+    /// By input: the entries of input `i` are `by_input_ptr[i]..by_input_ptr[i + 1]`.
+    by_input_ptr: Vec<u32>,
+    by_input_out: Vec<u32>,
+    by_input_val: Vec<f32>,
+    /// By output: the entries of output `o` are `by_output_ptr[o]..by_output_ptr[o + 1]`.
+    by_output_ptr: Vec<u32>,
+    by_output_in: Vec<u32>,
+    by_output_val: Vec<f32>,
+}
+
+impl SparseWeight {
+    /// The non-zeros of a dense `[n_in][n_out]` weight (`wt[i * n_out + o]`). The by-input
+    /// order (for [`sparse_row`]) is only built when `for_rows`; without it `sparse_row`
+    /// must not be called, and the weight takes half the memory.
+    pub(crate) fn from_in_out(
+        wt: &[f32],
+        n_in: usize,
+        n_out: usize,
+        for_rows: bool,
+    ) -> SparseWeight {
+        assert_eq!(
+            wt.len(),
+            n_in * n_out,
+            "SparseWeight: wt has the wrong length"
+        );
+        let mut by_input_ptr = Vec::with_capacity(n_in + 1);
+        let mut by_input_out = Vec::new();
+        let mut by_input_val = Vec::new();
+        by_input_ptr.push(0);
+        for i in (0..n_in).filter(|_| for_rows) {
+            for o in 0..n_out {
+                let w = wt[i * n_out + o];
+                if w != 0.0 {
+                    by_input_out.push(o as u32);
+                    by_input_val.push(w);
+                }
+            }
+            by_input_ptr.push(by_input_out.len() as u32);
+        }
+        let mut by_output_ptr = Vec::with_capacity(n_out + 1);
+        let mut by_output_in = Vec::with_capacity(by_input_out.len());
+        let mut by_output_val = Vec::with_capacity(by_input_out.len());
+        by_output_ptr.push(0);
+        for o in 0..n_out {
+            for i in 0..n_in {
+                let w = wt[i * n_out + o];
+                if w != 0.0 {
+                    by_output_in.push(i as u32);
+                    by_output_val.push(w);
+                }
+            }
+            by_output_ptr.push(by_output_in.len() as u32);
+        }
+        SparseWeight {
+            n_in,
+            n_out,
+            by_input_ptr,
+            by_input_out,
+            by_input_val,
+            by_output_ptr,
+            by_output_in,
+            by_output_val,
+        }
+    }
+
+    /// The number of stored (non-zero) weights.
+    #[cfg(test)]
+    pub(crate) fn nnz(&self) -> usize {
+        self.by_output_val.len()
+    }
+
+    /// Bytes of weight data held in memory (both orders).
+    pub(crate) fn resident_bytes(&self) -> usize {
+        4 * (self.by_input_ptr.len()
+            + self.by_input_out.len()
+            + self.by_input_val.len()
+            + self.by_output_ptr.len()
+            + self.by_output_in.len()
+            + self.by_output_val.len())
+    }
+}
+
+/// `y = bias + W x` for one row with a sparse weight, then ReLU when `relu`: a scatter of
+/// each non-zero input's weights into the outputs. The non-zero inputs are listed first,
+/// without branches (as in [`dense_row`]), because about half the inputs are zero in an
+/// order no branch predictor guesses.
+pub(crate) fn sparse_row(
+    w: &SparseWeight,
+    bias: &[f32],
+    x: &[f32],
+    y: &mut [f32],
+    relu: bool,
+    scratch: &mut RowScratch,
+) {
+    assert_eq!(x.len(), w.n_in, "sparse_row: x length");
+    assert_eq!(y.len(), w.n_out, "sparse_row: y length");
+    assert_eq!(bias.len(), w.n_out, "sparse_row: bias length");
+    assert_eq!(
+        w.by_input_ptr.len(),
+        w.n_in + 1,
+        "sparse_row: built without rows"
+    );
+    y.copy_from_slice(bias);
+    scratch.index.resize(x.len(), 0);
+    scratch.value.resize(x.len(), 0.0);
+    let mut active = 0;
+    for (i, &xi) in x.iter().enumerate() {
+        scratch.index[active] = i as u32;
+        scratch.value[active] = xi;
+        active += usize::from(xi != 0.0);
+    }
+    for (&i, &xi) in scratch.index[..active].iter().zip(&scratch.value[..active]) {
+        let i = i as usize;
+        let (start, end) = (w.by_input_ptr[i] as usize, w.by_input_ptr[i + 1] as usize);
+        let outs = &w.by_input_out[start..end];
+        let vals = &w.by_input_val[start..end];
+        for (&o, &wv) in outs.iter().zip(vals) {
+            // SAFETY: `SparseWeight::from_in_out` stores only outputs `o < n_out`, and
+            // `y.len() == n_out` is asserted above, so the index is in bounds; skipping the
+            // check here keeps the scatter one load, one multiply-add and one store.
+            unsafe {
+                *y.get_unchecked_mut(o as usize) += wv * xi;
+            }
+        }
+    }
+    if relu {
+        for v in y.iter_mut() {
+            *v = v.max(0.0);
+        }
+    }
+}
+
+/// `y = bias + scale ⊙ (q · x − zero ⊙ Σx)` for one row with an int8 weight `q`
+/// (`[x.len()][y.len()]`, per-output scale and zero point), then ReLU when `relu`. The
+/// weights stay one byte each; they are widened to `f32` in registers, so the kernel moves a
+/// quarter of the dense kernel's weight bytes. Zero inputs are skipped as in [`dense_row`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn int8_row(
+    q: &[i8],
+    scale: &[f32],
+    zero: &[f32],
+    bias: &[f32],
+    x: &[f32],
+    y: &mut [f32],
+    relu: bool,
+    scratch: &mut RowScratch,
+) {
+    assert_eq!(q.len(), x.len() * y.len(), "int8_row: q length");
+    assert!(scale.len() == y.len() && zero.len() == y.len() && bias.len() == y.len());
+    scratch.index.resize(x.len(), 0);
+    scratch.value.resize(x.len(), 0.0);
+    let mut active = 0;
+    let mut sum = 0f32;
+    for (i, &xi) in x.iter().enumerate() {
+        scratch.index[active] = i as u32;
+        scratch.value[active] = xi;
+        active += usize::from(xi != 0.0);
+        sum += xi;
+    }
+    let index = &scratch.index[..active];
+    let value = &scratch.value[..active];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            unsafe { int8_row_avx512(q, index, value, y) };
+            return int8_finish(scale, zero, bias, sum, y, relu);
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            unsafe { int8_row_avx2(q, index, value, y) };
+            return int8_finish(scale, zero, bias, sum, y, relu);
+        }
+    }
+    int8_row_portable::<false>(q, index, value, y);
+    int8_finish(scale, zero, bias, sum, y, relu);
+}
+
+/// Applies scale, zero point, bias and ReLU to the integer-weight sums in `y`.
+fn int8_finish(scale: &[f32], zero: &[f32], bias: &[f32], sum: f32, y: &mut [f32], relu: bool) {
+    for (o, v) in y.iter_mut().enumerate() {
+        let out = bias[o] + scale[o] * (*v - zero[o] * sum);
+        *v = if relu { out.max(0.0) } else { out };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn int8_row_avx512(q: &[i8], index: &[u32], value: &[f32], y: &mut [f32]) {
+    int8_row_portable::<true>(q, index, value, y);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn int8_row_avx2(q: &[i8], index: &[u32], value: &[f32], y: &mut [f32]) {
+    int8_row_portable::<true>(q, index, value, y);
+}
+
+/// `y = q · x` over the listed non-zero inputs, in blocks of `BLOCK` outputs.
+#[inline(always)]
+fn int8_row_portable<const FUSED: bool>(q: &[i8], index: &[u32], value: &[f32], y: &mut [f32]) {
+    let n_out = y.len();
+    let mut start = 0;
+    while start < n_out {
+        let width = BLOCK.min(n_out - start);
+        let mut acc = [0f32; BLOCK];
+        for (&i, &xi) in index.iter().zip(value) {
+            let row = i as usize * n_out + start;
+            let w = &q[row..row + width];
+            for (a, &wv) in acc[..width].iter_mut().zip(w) {
+                let wv = f32::from(wv);
+                *a = if FUSED {
+                    wv.mul_add(xi, *a)
+                } else {
+                    *a + wv * xi
+                };
+            }
+        }
+        y[start..start + width].copy_from_slice(&acc[..width]);
+        start += width;
+    }
+}
+
+/// Rows processed side by side by the sparse batch kernel: one output's accumulators for
+/// this many rows fill four 512-bit registers, like the row kernel's `BLOCK`.
+pub(crate) const SPARSE_LANES: usize = BLOCK;
+
+/// `yt = bias + W xt` (then ReLU when `relu`) for [`SPARSE_LANES`] rows at once, with the
+/// activations transposed: `xt` is `[n_in][SPARSE_LANES]`, `yt` is `[n_out][SPARSE_LANES]`.
+/// Each stored weight then multiplies one contiguous vector of inputs, so the sparse product
+/// vectorizes as well as a dense one while doing only the non-zeros' work.
+pub(crate) fn sparse_batch_t(
+    w: &SparseWeight,
+    bias: &[f32],
+    xt: &[f32],
+    yt: &mut [f32],
+    relu: bool,
+) {
+    assert_eq!(xt.len(), w.n_in * SPARSE_LANES, "sparse_batch_t: xt length");
+    assert_eq!(
+        yt.len(),
+        w.n_out * SPARSE_LANES,
+        "sparse_batch_t: yt length"
+    );
+    assert_eq!(bias.len(), w.n_out, "sparse_batch_t: bias length");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            unsafe { sparse_batch_t_avx512(w, bias, xt, yt, relu) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            unsafe { sparse_batch_t_avx2(w, bias, xt, yt, relu) };
+            return;
+        }
+    }
+    sparse_batch_t_portable::<false>(w, bias, xt, yt, relu);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn sparse_batch_t_avx512(w: &SparseWeight, bias: &[f32], xt: &[f32], yt: &mut [f32], relu: bool) {
+    sparse_batch_t_portable::<true>(w, bias, xt, yt, relu);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn sparse_batch_t_avx2(w: &SparseWeight, bias: &[f32], xt: &[f32], yt: &mut [f32], relu: bool) {
+    sparse_batch_t_portable::<true>(w, bias, xt, yt, relu);
+}
+
+/// The sparse batch kernel in plain Rust, inlined into each `target_feature` wrapper.
+#[inline(always)]
+fn sparse_batch_t_portable<const FUSED: bool>(
+    w: &SparseWeight,
+    bias: &[f32],
+    xt: &[f32],
+    yt: &mut [f32],
+    relu: bool,
+) {
+    for (o, out) in yt.chunks_exact_mut(SPARSE_LANES).enumerate() {
+        let mut acc = [bias[o]; SPARSE_LANES];
+        let (start, end) = (w.by_output_ptr[o] as usize, w.by_output_ptr[o + 1] as usize);
+        for (&i, &wv) in w.by_output_in[start..end]
+            .iter()
+            .zip(&w.by_output_val[start..end])
+        {
+            let at = i as usize * SPARSE_LANES;
+            let x: &[f32; SPARSE_LANES] = xt[at..at + SPARSE_LANES]
+                .try_into()
+                .expect("lane slice has SPARSE_LANES elements");
+            for (a, &xv) in acc.iter_mut().zip(x) {
+                *a = if FUSED {
+                    wv.mul_add(xv, *a)
+                } else {
+                    *a + wv * xv
+                };
+            }
+        }
+        finish(&acc, out, relu);
+    }
+}
+
 /// `y = bias + x · wt` (then ReLU when `relu`) for `rows` rows: `x` is `[rows][n_in]`,
 /// `wt` is `[n_in][n_out]`, `y` is `[rows][n_out]`, all row-major.
 pub(crate) fn dense_batch(
@@ -253,6 +567,80 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    #[test]
+    fn the_int8_row_kernel_matches_the_dequantized_dense_kernel() {
+        for (n_in, n_out) in [(64, 256), (128, 10), (5, 130)] {
+            let q: Vec<i8> = values(n_in * n_out, 8)
+                .iter()
+                .map(|v| (v * 127.0) as i8)
+                .collect();
+            let scale: Vec<f32> = (0..n_out).map(|o| 0.01 + o as f32 * 1e-4).collect();
+            let zero: Vec<f32> = (0..n_out).map(|o| (o % 5) as f32 - 2.0).collect();
+            let wt: Vec<f32> = (0..n_in * n_out)
+                .map(|k| scale[k % n_out] * (f32::from(q[k]) - zero[k % n_out]))
+                .collect();
+            let bias = values(n_out, 9);
+            let x = values(n_in, 10);
+            let expected = reference(&x, 1, &wt, &bias, true);
+            let mut y = vec![0.0; n_out];
+            let mut scratch = RowScratch::default();
+            int8_row(&q, &scale, &zero, &bias, &x, &mut y, true, &mut scratch);
+            for o in 0..n_out {
+                assert!((y[o] - expected[o]).abs() <= 1e-3 * (1.0 + expected[o].abs()));
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_kernels_match_the_dense_ones() {
+        for (n_in, n_out) in [(64, 256), (256, 128), (128, 10), (3, 1), (5, 130)] {
+            // About four weights in five zeroed, some whole inputs and outputs left empty.
+            let mut wt = values(n_in * n_out, 5);
+            for (k, v) in wt.iter_mut().enumerate() {
+                if k % 5 != 0 || (k / n_out) % 9 == 4 {
+                    *v = 0.0;
+                }
+            }
+            let sparse = SparseWeight::from_in_out(&wt, n_in, n_out, true);
+            assert_eq!(sparse.nnz(), wt.iter().filter(|v| **v != 0.0).count());
+            for relu in [false, true] {
+                let rows = SPARSE_LANES;
+                let x = values(rows * n_in, 6);
+                let bias = values(n_out, 7);
+                let expected = reference(&x, rows, &wt, &bias, relu);
+                let mut xt = vec![0.0; n_in * SPARSE_LANES];
+                for r in 0..rows {
+                    for i in 0..n_in {
+                        xt[i * SPARSE_LANES + r] = x[r * n_in + i];
+                    }
+                }
+                let mut yt = vec![0.0; n_out * SPARSE_LANES];
+                sparse_batch_t(&sparse, &bias, &xt, &mut yt, relu);
+                let mut y = vec![0.0; n_out];
+                for r in 0..rows {
+                    let mut scratch = RowScratch::default();
+                    sparse_row(
+                        &sparse,
+                        &bias,
+                        &x[r * n_in..(r + 1) * n_in],
+                        &mut y,
+                        relu,
+                        &mut scratch,
+                    );
+                    for o in 0..n_out {
+                        let e = expected[r * n_out + o];
+                        assert!(
+                            (y[o] - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                            "row {r} out {o}"
+                        );
+                        let b = yt[o * SPARSE_LANES + r];
+                        assert!((b - e).abs() <= 1e-4 * (1.0 + e.abs()), "batch {r} out {o}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -9,9 +9,15 @@
 //! - [`mlp`] — the MLP as a burn module (`MlpConfig` → `init` → `Mlp`), its seeded
 //!   initialisation, and the choice of device (`BURN_DEVICE`, flex by default).
 //! - [`train`] — mini-batch Adam with early stopping; returns a finished [`Artifact`].
+//! - [`distill`] — knowledge distillation (Hinton et al.) into a smaller student, with
+//!   teacher-labelled mixup/noise rows and the automatic choice of the student's width.
 //! - [`eval`] — accuracy, per-class precision/recall and the confusion matrix.
 //! - [`artifact`] — the versioned, checksummed artifact and its byte format.
 //! - [`engine`] — the hand-written forward pass the deployer serves (not through burn).
+//! - [`prune`] — saliency, unstructured and structured pruning, the gradual schedule with
+//!   masked fine-tuning, and `auto` sparsity inside an accuracy budget.
+//! - [`quantize`] — post-training 8/4-bit weight quantization (per tensor, channel or
+//!   group; symmetric or with zero points) and activation-range calibration.
 //! - [`interop`] — PyTorch `nn.Sequential` state dicts in safetensors, both ways.
 //! - `kernels` (private) — the SIMD-dispatched and GEMM kernels behind the engine; the
 //!   crate's only `unsafe` code.
@@ -21,11 +27,14 @@
 
 pub mod artifact;
 pub mod data;
+pub mod distill;
 pub mod engine;
 pub mod eval;
 pub mod interop;
 mod kernels;
 pub mod mlp;
+pub mod prune;
+pub mod quantize;
 pub mod train;
 
 pub use artifact::{Artifact, ArtifactError};

@@ -27,8 +27,8 @@ use crate::mlp::{DeviceError, Mlp, MlpConfig, MlpError, try_device};
 
 /// Seed offsets, so initialisation, shuffling and the reference sample draw from
 /// independent streams of the one user seed.
-const INIT_STREAM: u64 = 0x1a7e_0001;
-const SHUFFLE_STREAM: u64 = 0x1a7e_0002;
+pub(crate) const INIT_STREAM: u64 = 0x1a7e_0001;
+pub(crate) const SHUFFLE_STREAM: u64 = 0x1a7e_0002;
 const REFERENCE_STREAM: u64 = 0x1a7e_0003;
 
 /// How to train. Every field is checked by [`TrainConfig::validate`] before any work.
@@ -159,7 +159,11 @@ pub enum TrainError {
 }
 
 /// Checks that the splits fit the model and each other.
-fn check_splits(splits: &Splits, model: &MlpConfig, cfg: &TrainConfig) -> Result<(), TrainError> {
+pub(crate) fn check_splits(
+    splits: &Splits,
+    model: &MlpConfig,
+    cfg: &TrainConfig,
+) -> Result<(), TrainError> {
     let train = &splits.train;
     if train.rows() == 0 {
         return Err(TrainError::Data {
@@ -238,7 +242,11 @@ fn check_splits(splits: &Splits, model: &MlpConfig, cfg: &TrainConfig) -> Result
 }
 
 /// Uploads standardised features as a `[rows, n_features]` tensor.
-fn feature_tensor(data: &Dataset, standardizer: &Standardizer, device: &Device) -> Tensor<2> {
+pub(crate) fn feature_tensor(
+    data: &Dataset,
+    standardizer: &Standardizer,
+    device: &Device,
+) -> Tensor<2> {
     Tensor::<2>::from_data(
         TensorData::new(standardizer.transform(data), [data.rows(), data.n_features]),
         device,
@@ -246,7 +254,7 @@ fn feature_tensor(data: &Dataset, standardizer: &Standardizer, device: &Device) 
 }
 
 /// Uploads labels as a `[rows]` integer tensor.
-fn label_tensor(data: &Dataset, device: &Device) -> Tensor<1, Int> {
+pub(crate) fn label_tensor(data: &Dataset, device: &Device) -> Tensor<1, Int> {
     let labels: Vec<i64> = data.labels.iter().map(|&l| i64::from(l)).collect();
     Tensor::<1, Int>::from_data(TensorData::new(labels, [data.rows()]), device)
 }
@@ -426,7 +434,7 @@ pub fn train_mlp(
 }
 
 /// A seeded random sample of raw training rows and the engine's class mix on them.
-fn reference_sample(
+pub(crate) fn reference_sample(
     engine: &Engine,
     train: &Dataset,
     seed: u64,

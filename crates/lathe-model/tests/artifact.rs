@@ -302,7 +302,9 @@ fn inconsistent_artifacts_are_rejected_naming_the_field() {
     );
 
     let mut a = sample_artifact();
-    let TensorData::DenseF32 { values, .. } = &mut a.layers[0].weight;
+    let TensorData::DenseF32 { values, .. } = &mut a.layers[0].weight else {
+        panic!("the sample artifact's layers are dense");
+    };
     values[7] = f32::NAN;
     check_invalid(a, "layers[0].weight is invalid: value 7 is not finite");
 }

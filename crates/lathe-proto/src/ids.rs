@@ -160,7 +160,10 @@ impl Stage {
     /// Whether this release ships a service for the stage. Intake refuses a pipeline that
     /// names a stage without one, rather than accepting a job that could never finish.
     pub fn is_available(self) -> bool {
-        matches!(self, Stage::Train)
+        matches!(
+            self,
+            Stage::Train | Stage::Distill | Stage::Prune | Stage::Quantize
+        )
     }
 }
 

@@ -93,7 +93,8 @@ pub async fn input_model(
     };
     let bytes = fetch(ctx, source).await?;
     let bad = |what: String| StageError::Permanent(format!("model.source `{source}`: {what}"));
-    let (config, layers) = lathe_model::interop::import_safetensors(&bytes).map_err(|e| bad(e.to_string()))?;
+    let (config, layers) =
+        lathe_model::interop::import_safetensors(&bytes).map_err(|e| bad(e.to_string()))?;
     if config.input != splits.train.n_features {
         return Err(bad(format!(
             "the network takes {} inputs but the dataset has {} features",
@@ -116,11 +117,16 @@ pub async fn input_model(
     )
     .map_err(|e| bad(e.to_string()))?;
     let engine = Engine::from_artifact(&artifact).map_err(|e| bad(e.to_string()))?;
-    let test = lathe_model::eval::try_evaluate(&engine, &splits.test).map_err(|e| bad(e.to_string()))?;
-    let validation =
-        lathe_model::eval::try_evaluate(&engine, &splits.validation).map_err(|e| bad(e.to_string()))?;
-    artifact.metrics.insert("test_accuracy".into(), test.accuracy);
-    artifact.metrics.insert("validation_accuracy".into(), validation.accuracy);
+    let test =
+        lathe_model::eval::try_evaluate(&engine, &splits.test).map_err(|e| bad(e.to_string()))?;
+    let validation = lathe_model::eval::try_evaluate(&engine, &splits.validation)
+        .map_err(|e| bad(e.to_string()))?;
+    artifact
+        .metrics
+        .insert("test_accuracy".into(), test.accuracy);
+    artifact
+        .metrics
+        .insert("validation_accuracy".into(), validation.accuracy);
     if let Some(entry) = artifact.lineage.last_mut() {
         entry.metrics = artifact.metrics.clone();
     }

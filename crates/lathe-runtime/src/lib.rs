@@ -12,6 +12,7 @@
 //! - [`dataset`]: the job's train/validation/test splits from its spec, for every stage.
 //! - [`trace`]: W3C trace context in NATS headers, and telemetry set-up (logs and OTLP).
 //! - [`worker`]: the stage worker loop every service runs.
+//! - [`health`]: `/livez` and `/readyz` for orchestrators (`LATHE_HEALTH_ADDR`).
 //! - [`intake`]: validation of submitted specs into job records and first tasks.
 //! - [`shutdown`]: SIGTERM/SIGINT into a cancellation token.
 //!
@@ -22,6 +23,7 @@ pub mod artifacts;
 pub mod dataset;
 pub mod error;
 pub mod events;
+pub mod health;
 pub mod intake;
 pub mod jobs;
 pub mod provision;

@@ -10,7 +10,7 @@ use crate::error::RuntimeError;
 use crate::provision::{Resources, provision};
 use crate::settings::{NatsSettings, WorkerSettings, connect};
 use crate::worker::{StageHandler, run_worker};
-use crate::{intake, shutdown, trace};
+use crate::{health, intake, shutdown, trace};
 
 /// Connects and provisions, as every service does at start.
 pub async fn start(
@@ -58,9 +58,15 @@ pub fn main<H: StageHandler>(service: &'static str, handler: H) -> ExitCode {
         let nats = NatsSettings::from_env()?;
         let worker = WorkerSettings::from_env()?;
         tracing::info!(url = %nats.url, ?worker, "Starting {service}");
+        let stop = shutdown::on_signal();
+        // The health endpoint comes up first, answering "not ready" until provisioning is done.
+        let readiness = health::Readiness::default();
+        if let Some(addr) = health::addr_from_env()? {
+            health::serve(addr, readiness.clone(), stop.clone()).await?;
+        }
         let res = start(service, &nats, worker).await?;
         let client = res.client.clone();
-        let stop = shutdown::on_signal();
+        readiness.provisioned(client.clone());
         serve(res, service, handler, stop).await?;
         if let Err(e) = client.drain().await {
             tracing::warn!(error = %e, "NATS drain failed");

@@ -135,6 +135,19 @@ impl NatsServer {
         self.spawn();
     }
 
+    /// Kills the server (SIGKILL), as a crash would; [`NatsServer::start_again`] brings it
+    /// back on the same port and store.
+    pub fn stop(&mut self) {
+        self.kill();
+    }
+
+    /// Starts a stopped server again on the same port and store.
+    pub fn start_again(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
+    }
+
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

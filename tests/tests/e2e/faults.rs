@@ -22,10 +22,19 @@ async fn every_job_completes_across_a_nats_server_restart() {
     }
     // Let the batch get going, then crash the server (SIGKILL) and bring it back on the same
     // port and store.
-    wait_event(&s.res, jobs[0], lathe_proto::EventKind::StageStarted, Duration::from_secs(30)).await;
+    wait_event(
+        &s.res,
+        jobs[0],
+        lathe_proto::EventKind::StageStarted,
+        Duration::from_secs(30),
+    )
+    .await;
     s.server.restart();
     let (first, _) = s.res.jobs.get(jobs[0]).await.unwrap().unwrap();
-    assert!(!first.state.is_terminal(), "the restart should land while the first job runs");
+    assert!(
+        !first.state.is_terminal(),
+        "the restart should land while the first job runs"
+    );
     for job in jobs {
         let r = wait_job(&s.res, job, Duration::from_secs(180)).await;
         assert_eq!(r.state, JobState::Completed, "{job}: {:?}", r.error);
@@ -53,7 +62,11 @@ async fn a_flood_of_malformed_messages_leaves_every_service_serving() {
     for _ in 0..10 {
         for subject in &subjects {
             for g in &garbage {
-                s.res.client.publish(subject.clone(), g.clone().into()).await.unwrap();
+                s.res
+                    .client
+                    .publish(subject.clone(), g.clone().into())
+                    .await
+                    .unwrap();
             }
         }
     }
@@ -67,11 +80,17 @@ async fn a_flood_of_malformed_messages_leaves_every_service_serving() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let dead = dead_letters(&s.res).await;
-        let train_dead = dead.iter().filter(|d| d.subject == "lathe.work.train").count();
+        let train_dead = dead
+            .iter()
+            .filter(|d| d.subject == "lathe.work.train")
+            .count();
         if train_dead >= 10 * garbage.len() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "only {train_dead} dead letters for lathe.work.train");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {train_dead} dead letters for lathe.work.train"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     trainer.kill().unwrap();

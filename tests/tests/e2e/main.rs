@@ -1,7 +1,12 @@
 //! The end-to-end suite: one binary, real nats-server, real services, real training.
 
+mod distill;
 mod faults;
+mod health;
+mod import;
 mod intake;
+mod prune;
+mod quantize;
 mod trace;
 mod trainer;
 mod worker;

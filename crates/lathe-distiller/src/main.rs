@@ -1,0 +1,6 @@
+//! `lathe-distiller`: the distill stage as a service. Reads its settings from the
+//! environment, sets up telemetry, and serves until SIGTERM.
+
+fn main() -> std::process::ExitCode {
+    lathe_runtime::service::main("lathe-distiller", lathe_distiller::Distiller)
+}

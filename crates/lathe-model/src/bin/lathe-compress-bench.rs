@@ -1,0 +1,569 @@
+//! `lathe-compress-bench`: lathe's pruning against the PyTorch peer's on the built-in digits
+//! data — accuracy and artifact bytes at each sparsity (one-shot and gradual, magnitude and
+//! Taylor saliency), structured pruning, `auto`, and engine latency of the 90 %-sparse model
+//! against the dense one (single row and batch of 1 000, one thread, side by side).
+//!
+//! `cargo run --release -p lathe-model --bin lathe-compress-bench -- [--peer PATH] [--out PATH]`.
+//! The peer's figures are read from `--peer` (default `../shared/bench/results.json`); when
+//! that file is missing the figures recorded in its README are used, and the table says so.
+
+use std::error::Error;
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use lathe_model::artifact::Artifact;
+use lathe_model::data::{Splits, builtin, split};
+use lathe_model::engine::{Engine, KernelChoice};
+use lathe_model::mlp::MlpConfig;
+use lathe_model::prune::{
+    PruneConfig, PruneOutcome, Saliency, Scope, Structure, Target, prune_mlp,
+};
+use lathe_model::quantize::{Bits, Calibration, Granularity, QuantizeConfig, quantize_mlp};
+use lathe_model::train::{TrainConfig, train_mlp};
+use serde_json::{Value, json};
+
+/// The peer's figures as recorded in /work/shared/bench/README.md, for when its JSON is
+/// not at hand: (sparsity, test accuracy after fine-tuning, saved bytes).
+const README_PEER: &[(f64, f64, f64)] = &[(0.9, 0.9744, 206_037.0), (0.95, 0.8306, 206_037.0)];
+const README_PEER_DENSE: (f64, f64) = (0.975, 205_849.0);
+
+struct Args {
+    out: PathBuf,
+    peer: PathBuf,
+    calls: usize,
+    batch_reps: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        out: PathBuf::from("bench/results/compress.json"),
+        peer: PathBuf::from("../shared/bench/results.json"),
+        calls: 5_000,
+        batch_reps: 50,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--out" => args.out = PathBuf::from(value()?),
+            "--peer" => args.peer = PathBuf::from(value()?),
+            "--calls" => args.calls = count("--calls", &value()?)?,
+            "--batch-reps" => args.batch_reps = count("--batch-reps", &value()?)?,
+            "-h" | "--help" => {
+                return Err("usage: lathe-compress-bench [--peer PATH] [--out PATH] [--calls N] [--batch-reps N]".into());
+            }
+            other => return Err(format!("unknown argument {other:?} (see --help)")),
+        }
+    }
+    Ok(args)
+}
+
+fn count(flag: &str, value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "{flag} must be a positive whole number, got {value:?}"
+        )),
+    }
+}
+
+/// The peer's pruning figures: per sparsity (accuracy, bytes), the dense ones, and where
+/// they came from.
+struct Peer {
+    levels: Vec<(f64, f64, f64)>,
+    dense: (f64, f64),
+    source: String,
+    latency: Option<Value>,
+    /// Dynamic int8: (dense accuracy, bytes, pruned-90 accuracy, bytes).
+    int8: Option<(f64, f64, f64, f64)>,
+}
+
+fn peer(path: &PathBuf) -> Peer {
+    let parsed = std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    let from_json = parsed.as_ref().and_then(|d| {
+        let digits = &d["datasets"]["digits"];
+        let levels: Vec<(f64, f64, f64)> = digits["prune"]
+            .as_object()?
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    k.parse().ok()?,
+                    v["test_acc_after_finetune"]["mean"].as_f64()?,
+                    v["state_dict_after_prune_remove_bytes"].as_f64()?,
+                ))
+            })
+            .collect();
+        let dense = (
+            digits["teacher"]["test_acc"]["mean"].as_f64()?,
+            digits["teacher"]["state_dict_file_bytes"].as_f64()?,
+        );
+        let q = &digits["quant_dynamic_int8"];
+        let int8 = (|| {
+            Some((
+                q["teacher"]["test_acc"]["mean"].as_f64()?,
+                q["teacher"]["state_dict_file_bytes"].as_f64()?,
+                q["pruned90"]["test_acc"]["mean"].as_f64()?,
+                q["pruned90"]["state_dict_file_bytes"].as_f64()?,
+            ))
+        })();
+        Some((
+            levels,
+            dense,
+            d["latency_digits"]["threads_1"].clone(),
+            int8,
+        ))
+    });
+    match from_json {
+        Some((levels, dense, latency, int8)) => Peer {
+            levels,
+            dense,
+            source: format!("{} (5 seeds, mean)", path.display()),
+            latency: Some(latency),
+            int8,
+        },
+        None => Peer {
+            levels: README_PEER.to_vec(),
+            dense: README_PEER_DENSE,
+            source: format!(
+                "{} not readable: figures recorded in the peer's README",
+                path.display()
+            ),
+            latency: None,
+            int8: Some((0.975, 56_931.0, 0.9706, 56_949.0)),
+        },
+    }
+}
+
+fn config(
+    saliency: Saliency,
+    structure: Structure,
+    target: Target,
+    steps: usize,
+    epochs: usize,
+) -> PruneConfig {
+    PruneConfig {
+        saliency,
+        structure,
+        scope: Scope::Global,
+        target,
+        steps,
+        finetune_epochs: epochs,
+        batch_size: 64,
+        learning_rate: 1e-3,
+        seed: 0,
+        max_accuracy_drop: 0.005,
+    }
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// (single-row p50 µs, batch-1000 median ms) of an engine.
+fn time(
+    engine: &Engine,
+    splits: &Splits,
+    batch: &[f32],
+    args: &Args,
+) -> Result<(f64, f64), Box<dyn Error>> {
+    let test = &splits.test;
+    for i in 0..1000 {
+        black_box(engine.predict(test.row(i % test.rows()))?);
+    }
+    let mut single = Vec::with_capacity(args.calls);
+    for i in 0..args.calls {
+        let row = test.row(i % test.rows());
+        let t = Instant::now();
+        black_box(engine.predict(black_box(row))?);
+        single.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    single.sort_by(f64::total_cmp);
+    for _ in 0..5 {
+        black_box(engine.logits_batch(batch, 1000)?);
+    }
+    let mut times = Vec::with_capacity(args.batch_reps);
+    for _ in 0..args.batch_reps {
+        let t = Instant::now();
+        black_box(engine.logits_batch(black_box(batch), 1000)?);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((quantile(&single, 0.5), quantile(&times, 0.5)))
+}
+
+fn row(label: &str, o: &PruneOutcome, dense_bytes: usize, base: f64, seconds: f64) -> Value {
+    let bytes = o.artifact.to_bytes().len();
+    json!({
+        "run": label,
+        "sparsity": o.sparsity,
+        "layer_sparsity": o.layer_sparsity,
+        "hidden": o.hidden_after,
+        "test_accuracy": o.test.accuracy,
+        "drop_points": (base - o.test.accuracy) * 100.0,
+        "bytes": bytes,
+        "bytes_share_of_dense": bytes as f64 / dense_bytes as f64,
+        "seconds": seconds,
+    })
+}
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let args = parse_args()?;
+    let peer = peer(&args.peer);
+    let (train_file, test_file) = builtin("digits")?;
+    let batch: Vec<f32> = train_file.features[..1000 * train_file.n_features].to_vec();
+    let splits = split(train_file, Some(test_file), 0.1, 0.0, 0)?;
+    let model = MlpConfig::new(64, vec![256, 128], 10);
+    let trained = train_mlp(&splits, &model, &TrainConfig::default(), &mut |_| {})?;
+    let dense: Artifact = trained.artifact;
+    let dense_bytes = dense.to_bytes().len();
+    let base = trained.test.accuracy;
+
+    let mut rows = Vec::new();
+    let mut kept: Option<PruneOutcome> = None;
+    let mut kept_structured: Option<PruneOutcome> = None;
+    let mut run = |label: String, cfg: PruneConfig, keep: bool| -> Result<(), Box<dyn Error>> {
+        let t = Instant::now();
+        let o = prune_mlp(&dense, &splits, &cfg, &mut |_| {})?;
+        if cfg.target == Target::Auto {
+            eprintln!(
+                "auto: baseline validation {:.4}, steps {:?}",
+                o.baseline_validation, o.steps
+            );
+        }
+        let r = row(&label, &o, dense_bytes, base, t.elapsed().as_secs_f64());
+        eprintln!("{r}");
+        rows.push(r);
+        if keep {
+            if cfg.structure == Structure::Structured {
+                kept_structured = Some(o);
+            } else {
+                kept = Some(o);
+            }
+        }
+        Ok(())
+    };
+    for s in [0.5, 0.8, 0.9, 0.92, 0.95] {
+        let fixed = Target::Fixed(s);
+        run(
+            format!("{s:.2} one-shot magnitude, 10 ep"),
+            config(Saliency::Magnitude, Structure::Unstructured, fixed, 1, 10),
+            false,
+        )?;
+        run(
+            format!("{s:.2} gradual magnitude, 4×5 ep"),
+            config(Saliency::Magnitude, Structure::Unstructured, fixed, 4, 5),
+            false,
+        )?;
+        run(
+            format!("{s:.2} gradual taylor, 4×5 ep"),
+            config(Saliency::Taylor, Structure::Unstructured, fixed, 4, 5),
+            s == 0.9,
+        )?;
+    }
+    run(
+        "auto taylor (budget 0.5 pt)".into(),
+        config(
+            Saliency::Taylor,
+            Structure::Unstructured,
+            Target::Auto,
+            1,
+            5,
+        ),
+        false,
+    )?;
+    run(
+        "structured 0.50 neurons taylor".into(),
+        config(
+            Saliency::Taylor,
+            Structure::Structured,
+            Target::Fixed(0.5),
+            4,
+            5,
+        ),
+        true,
+    )?;
+    run(
+        "structured 0.50 neurons magnitude".into(),
+        config(
+            Saliency::Magnitude,
+            Structure::Structured,
+            Target::Fixed(0.5),
+            4,
+            5,
+        ),
+        false,
+    )?;
+    run(
+        "structured 0.75 neurons taylor".into(),
+        config(
+            Saliency::Taylor,
+            Structure::Structured,
+            Target::Fixed(0.75),
+            4,
+            5,
+        ),
+        false,
+    )?;
+
+    println!("lathe-compress-bench — digits MLP 64-256-128-10, seed 0");
+    println!("peer: {}", peer.source);
+    println!(
+        "dense: lathe {:.2} % / {} B   peer {:.2} % / {:.0} B\n",
+        base * 100.0,
+        dense_bytes,
+        peer.dense.0 * 100.0,
+        peer.dense.1
+    );
+    println!(
+        "{:<36} {:>8} {:>8} {:>7} {:>8} {:>6} | {:>8} {:>8}",
+        "lathe run", "sparsity", "acc %", "Δ pt", "bytes", "%dense", "peer %", "peer B"
+    );
+    for r in &rows {
+        let label = r["run"].as_str().unwrap_or_default();
+        let level: Option<f64> = label.split(' ').next().and_then(|t| t.parse().ok());
+        let p = level.and_then(|l| peer.levels.iter().find(|(s, _, _)| (s - l).abs() < 1e-9));
+        let (pa, pb) = p.map_or(("—".to_string(), "—".to_string()), |(_, a, b)| {
+            (format!("{:.2}", a * 100.0), format!("{b:.0}"))
+        });
+        println!(
+            "{:<36} {:>8.3} {:>8.2} {:>7.2} {:>8} {:>6.1} | {:>8} {:>8}",
+            label,
+            r["sparsity"].as_f64().unwrap_or(0.0),
+            r["test_accuracy"].as_f64().unwrap_or(0.0) * 100.0,
+            r["drop_points"].as_f64().unwrap_or(0.0),
+            r["bytes"],
+            r["bytes_share_of_dense"].as_f64().unwrap_or(0.0) * 100.0,
+            pa,
+            pb
+        );
+    }
+
+    let mut latency = json!(null);
+    if let Some(pruned) = &kept {
+        let dense_engine = Engine::from_artifact(&dense)?;
+        let sparse_engine = Engine::from_artifact(&pruned.artifact)?;
+        let forced_dense = Engine::with_kernels(&pruned.artifact, KernelChoice::DenseOnly)?;
+        let (d1, db) = time(&dense_engine, &splits, &batch, &args)?;
+        let (s1, sb) = time(&sparse_engine, &splits, &batch, &args)?;
+        let (f1, fb) = time(&forced_dense, &splits, &batch, &args)?;
+        let structured = match &kept_structured {
+            Some(o) => Some(time(
+                &Engine::from_artifact(&o.artifact)?,
+                &splits,
+                &batch,
+                &args,
+            )?),
+            None => None,
+        };
+        println!(
+            "\nengine, one thread (90 % gradual Taylor model; sparse layers {:?})",
+            sparse_engine.sparse_layers()
+        );
+        println!("{:<40} {:>12} {:>14}", "", "row p50 µs", "batch 1000 ms");
+        println!(
+            "{:<40} {:>12.2} {:>14.3}",
+            "dense model, dense kernels", d1, db
+        );
+        println!(
+            "{:<40} {:>12.2} {:>14.3}",
+            "90 % model, dense kernels", f1, fb
+        );
+        println!(
+            "{:<40} {:>12.2} {:>14.3}",
+            "90 % model, sparse kernels", s1, sb
+        );
+        println!(
+            "{:<40} {:>12.2} {:>14.2}",
+            "speed-up, sparse vs dense model (×)",
+            d1 / s1,
+            db / sb
+        );
+        if let Some((t1, tb)) = structured {
+            println!(
+                "{:<40} {:>12.2} {:>14.3}",
+                "structured 50 % neurons model", t1, tb
+            );
+            println!(
+                "{:<40} {:>12.2} {:>14.2}",
+                "speed-up, structured vs dense model (×)",
+                d1 / t1,
+                db / tb
+            );
+        }
+        if let Some(l) = &peer.latency {
+            println!(
+                "{:<40} {:>12} {:>14}",
+                "peer pruned90 fp32 eager (its machine)",
+                l["pruned90_fp32"]["single_sample"]["p50_us"].to_string(),
+                l["pruned90_fp32"]["batch_1000"]["median_ms"].to_string()
+            );
+        }
+        let mut bare = pruned.artifact.clone();
+        bare.reference = Default::default();
+        let mut bare_dense = dense.clone();
+        bare_dense.reference = Default::default();
+        println!(
+            "90 % artifact without the drift reference sample: {} B (dense without it: {} B)",
+            bare.to_bytes().len(),
+            bare_dense.to_bytes().len()
+        );
+        println!(
+            "resident weight bytes: dense {} / sparse {}",
+            dense_engine.resident_weight_bytes(),
+            sparse_engine.resident_weight_bytes()
+        );
+        latency = json!({
+            "dense_model": {"row_p50_us": d1, "batch_1000_ms": db, "resident_bytes": dense_engine.resident_weight_bytes()},
+            "pruned90_dense_kernels": {"row_p50_us": f1, "batch_1000_ms": fb},
+            "pruned90_sparse_kernels": {"row_p50_us": s1, "batch_1000_ms": sb, "resident_bytes": sparse_engine.resident_weight_bytes()},
+            "speedup_row": d1 / s1,
+            "speedup_batch_1000": db / sb,
+            "structured50": structured.map(|(t1, tb)| json!({"row_p50_us": t1, "batch_1000_ms": tb})),
+        });
+    }
+    // Quantization: the dense model and the 92 % gradual Taylor model.
+    let pruned92 = prune_mlp(
+        &dense,
+        &splits,
+        &config(
+            Saliency::Taylor,
+            Structure::Unstructured,
+            Target::Fixed(0.92),
+            4,
+            5,
+        ),
+        &mut |_| {},
+    )?;
+    let qcfg = |bits, granularity, symmetric| QuantizeConfig {
+        bits,
+        granularity,
+        symmetric,
+        calibration: Calibration::Percentile(99.99),
+        calibration_rows: 512,
+        max_accuracy_drop: 0.005,
+    };
+    let peer_int8 = peer.int8;
+    println!(
+        "\nquantization (biases stay f32); peer dynamic int8: {}",
+        peer_int8.map_or("—".into(), |(a, b, pa, pb)| format!(
+            "dense {:.2} % / {b:.0} B, pruned 90 % + int8 {:.2} % / {pb:.0} B",
+            a * 100.0,
+            pa * 100.0
+        ))
+    );
+    println!(
+        "{:<44} {:>5} {:>8} {:>7} {:>8} {:>7}",
+        "lathe run", "bits", "acc %", "Δ pt", "bytes", "%dense"
+    );
+    let mut quant_rows = Vec::new();
+    let mut int8_model = None;
+    for (label, input, cfg) in [
+        (
+            "int8 per-channel symmetric",
+            &dense,
+            qcfg(Bits::Eight, Granularity::PerChannel, true),
+        ),
+        (
+            "int8 per-channel asymmetric",
+            &dense,
+            qcfg(Bits::Eight, Granularity::PerChannel, false),
+        ),
+        (
+            "int8 per-tensor symmetric",
+            &dense,
+            qcfg(Bits::Eight, Granularity::PerTensor, true),
+        ),
+        (
+            "int4 per-channel symmetric",
+            &dense,
+            qcfg(Bits::Four, Granularity::PerChannel, true),
+        ),
+        (
+            "int4 grouped 32 symmetric",
+            &dense,
+            qcfg(Bits::Four, Granularity::Grouped(32), true),
+        ),
+        (
+            "int auto per-channel",
+            &dense,
+            qcfg(Bits::Auto, Granularity::PerChannel, true),
+        ),
+        (
+            "pruned 92 % + int8 per-channel",
+            &pruned92.artifact,
+            qcfg(Bits::Eight, Granularity::PerChannel, true),
+        ),
+        (
+            "pruned 92 % + int4 grouped 32",
+            &pruned92.artifact,
+            qcfg(Bits::Four, Granularity::Grouped(32), true),
+        ),
+    ] {
+        let o = quantize_mlp(input, &splits, &cfg)?;
+        let bytes = o.artifact.to_bytes().len();
+        println!(
+            "{:<44} {:>5} {:>8.2} {:>7.2} {:>8} {:>7.1}",
+            label,
+            o.bits,
+            o.test.accuracy * 100.0,
+            (base - o.test.accuracy) * 100.0,
+            bytes,
+            bytes as f64 / dense_bytes as f64 * 100.0
+        );
+        quant_rows.push(
+            json!({"run": label, "bits": o.bits, "test_accuracy": o.test.accuracy,
+            "drop_points": (base - o.test.accuracy) * 100.0, "bytes": bytes,
+            "bytes_share_of_dense": bytes as f64 / dense_bytes as f64,
+            "max_weight_error": o.max_weight_error}),
+        );
+        if int8_model.is_none() {
+            int8_model = Some(o.artifact);
+        }
+    }
+    let mut quant_latency = json!(null);
+    if let Some(q) = &int8_model {
+        let float_engine = Engine::from_artifact(&dense)?;
+        let int8_engine = Engine::from_artifact(q)?;
+        let (f1, fb) = time(&float_engine, &splits, &batch, &args)?;
+        let (q1, qb) = time(&int8_engine, &splits, &batch, &args)?;
+        println!("\nengine, one thread: float vs int8 per-channel (same run)");
+        println!(
+            "{:<40} {:>12} {:>14} {:>14}",
+            "", "row p50 µs", "batch 1000 ms", "weight bytes"
+        );
+        println!(
+            "{:<40} {:>12.2} {:>14.3} {:>14}",
+            "float",
+            f1,
+            fb,
+            float_engine.resident_weight_bytes()
+        );
+        println!(
+            "{:<40} {:>12.2} {:>14.3} {:>14}",
+            "int8",
+            q1,
+            qb,
+            int8_engine.resident_weight_bytes()
+        );
+        quant_latency = json!({"float": {"row_p50_us": f1, "batch_1000_ms": fb, "resident_bytes": float_engine.resident_weight_bytes()},
+            "int8": {"row_p50_us": q1, "batch_1000_ms": qb, "resident_bytes": int8_engine.resident_weight_bytes()}});
+    }
+    let report = json!({
+        "quantize": quant_rows,
+        "quantize_engine": quant_latency,
+        "model": "digits 64-256-128-10, seed 0",
+        "dense": {"test_accuracy": base, "bytes": dense_bytes},
+        "peer": {"source": peer.source, "dense": peer.dense, "levels": peer.levels},
+        "prune": rows,
+        "engine": latency,
+    });
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}

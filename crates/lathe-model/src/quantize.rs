@@ -1,0 +1,513 @@
+//! Post-training quantization of an MLP's weights to 8 or 4 bits: symmetric or asymmetric
+//! (zero point), one scale per tensor, per output channel or per group of input weights;
+//! activation ranges calibrated on a sample of the training split (min/max or a percentile);
+//! `auto` bits (4 when the validation accuracy stays inside the budget, else 8). A pruned
+//! model stays sparse: only its non-zeros are quantized and stored.
+//!
+//! Biases stay `f32` (a few hundred values; PyTorch's dynamic int8 does the same). The
+//! zero of a pruned weight is exactly representable: ranges always include 0, and the
+//! zero point is rounded so that 0 maps to an integer.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::artifact::{Artifact, LayerTensors, TensorData, pack_quantized};
+use crate::data::Splits;
+use crate::engine::Engine;
+use crate::eval::{Evaluation, evaluate};
+
+/// How many weights share a scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Granularity {
+    PerTensor,
+    /// One scale per output channel (a row of the `[out][in]` weight).
+    PerChannel,
+    /// Blocks of this many consecutive input weights of one output.
+    Grouped(usize),
+}
+
+/// How activation ranges are calibrated.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Calibration {
+    MinMax,
+    /// The given percentile (in (50, 100]) of the values and its mirror.
+    Percentile(f64),
+}
+
+/// The bit width to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bits {
+    Eight,
+    Four,
+    /// 4 when its validation accuracy is inside the budget, else 8.
+    Auto,
+}
+
+/// How to quantize.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantizeConfig {
+    pub bits: Bits,
+    pub granularity: Granularity,
+    pub symmetric: bool,
+    pub calibration: Calibration,
+    /// Training rows sampled (the first ones) for activation calibration.
+    pub calibration_rows: usize,
+    /// The largest accepted validation-accuracy drop (for `auto`).
+    pub max_accuracy_drop: f64,
+}
+
+/// Why quantization could not run.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum QuantizeError {
+    /// A setting is out of range.
+    #[error("quantize.{field} {reason}")]
+    InvalidConfig { field: &'static str, reason: String },
+    /// The input model cannot be quantized.
+    #[error("input model: {0}")]
+    Model(String),
+}
+
+impl QuantizeConfig {
+    /// Checks each field, naming the first bad one.
+    pub fn validate(&self) -> Result<(), QuantizeError> {
+        let bad = |field: &'static str, reason: String| {
+            Err(QuantizeError::InvalidConfig { field, reason })
+        };
+        if self.granularity == Granularity::Grouped(0) {
+            return bad("group_size", "must be at least 1, got 0".into());
+        }
+        if let Calibration::Percentile(p) = self.calibration
+            && !(p > 50.0 && p <= 100.0)
+        {
+            return bad("percentile", format!("must be in (50, 100], got {p}"));
+        }
+        if self.calibration_rows == 0 {
+            return bad("calibration_rows", "must be at least 1, got 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// The input range of one layer's activations on the calibration sample.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ActivationRange {
+    pub min: f32,
+    pub max: f32,
+}
+
+/// The result of [`quantize_mlp`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizeOutcome {
+    pub artifact: Artifact,
+    /// 8 or 4.
+    pub bits: u8,
+    pub baseline_test: f64,
+    pub baseline_validation: f64,
+    pub test: Evaluation,
+    pub validation: Evaluation,
+    /// Per layer, the calibrated range of its (standardised) inputs.
+    pub activation_ranges: Vec<ActivationRange>,
+    /// The largest `|w − dequantized(w)|` over all weights.
+    pub max_weight_error: f32,
+}
+
+/// Quantizes `values` (row-major over `shape`, rows of `row` elements) with one scale per
+/// `group` elements; zeros stay exact. When `sparse`, only non-zeros are stored.
+pub fn quantize_tensor(
+    shape: Vec<usize>,
+    values: &[f32],
+    bits: u8,
+    group: usize,
+    symmetric: bool,
+    sparse: bool,
+) -> TensorData {
+    let group = group.max(1);
+    let (q_min, q_max) = if bits == 4 {
+        (-8i32, 7i32)
+    } else {
+        (-128, 127)
+    };
+    let mut scales = Vec::with_capacity(values.len().div_ceil(group));
+    let mut zero_points = Vec::new();
+    let mut quantized: Vec<i8> = Vec::with_capacity(values.len());
+    let mut indices = Vec::new();
+    for (g, chunk) in values.chunks(group).enumerate() {
+        // Ranges include 0 so a pruned (zero) weight stays exactly zero.
+        let lo = chunk.iter().copied().fold(0f32, f32::min);
+        let hi = chunk.iter().copied().fold(0f32, f32::max);
+        let (scale, zero) = if symmetric {
+            let m = lo.abs().max(hi.abs());
+            (if m > 0.0 { m / q_max as f32 } else { 1.0 }, 0i32)
+        } else {
+            let span = hi - lo;
+            let scale = if span > 0.0 {
+                span / (q_max - q_min) as f32
+            } else {
+                1.0
+            };
+            let zero = (q_min as f32 - lo / scale).round() as i32;
+            (scale, zero.clamp(q_min, q_max))
+        };
+        scales.push(scale);
+        if !symmetric {
+            zero_points.push(zero as i8);
+        }
+        for (k, &v) in chunk.iter().enumerate() {
+            if sparse && v == 0.0 {
+                continue;
+            }
+            if sparse {
+                indices.push((g * group + k) as u32);
+            }
+            let q = ((v / scale).round() as i32 + zero).clamp(q_min, q_max);
+            quantized.push(q as i8);
+        }
+    }
+    TensorData::QuantizedInt {
+        shape,
+        bits,
+        group,
+        scales,
+        zero_points,
+        sparse,
+        indices,
+        data: pack_quantized(&quantized, bits),
+    }
+}
+
+/// Per layer, the range of its inputs (standardised features, then hidden activations) on
+/// the first `rows` training rows: min/max, or the given percentile and its mirror.
+pub fn calibrate(
+    artifact: &Artifact,
+    splits: &Splits,
+    calibration: Calibration,
+    rows: usize,
+) -> Vec<ActivationRange> {
+    let train = &splits.train;
+    let n = rows.min(train.rows());
+    let mut x = artifact.preprocessing.transform(train);
+    x.truncate(n * train.n_features);
+    let mut width = train.n_features;
+    let mut ranges = Vec::with_capacity(artifact.layers.len());
+    let last = artifact.layers.len().saturating_sub(1);
+    for (index, layer) in artifact.layers.iter().enumerate() {
+        ranges.push(range_of(&x, calibration));
+        let w = layer.weight.to_dense_values();
+        let b = layer.bias.to_dense_values();
+        let n_out = b.len();
+        let mut y = vec![0f32; n * n_out];
+        for r in 0..n {
+            let row = &x[r * width..(r + 1) * width];
+            for o in 0..n_out {
+                let s: f32 = w[o * width..(o + 1) * width]
+                    .iter()
+                    .zip(row)
+                    .map(|(a, b)| a * b)
+                    .sum::<f32>()
+                    + b[o];
+                y[r * n_out + o] = if index < last { s.max(0.0) } else { s };
+            }
+        }
+        x = y;
+        width = n_out;
+    }
+    ranges
+}
+
+fn range_of(values: &[f32], calibration: Calibration) -> ActivationRange {
+    if values.is_empty() {
+        return ActivationRange { min: 0.0, max: 0.0 };
+    }
+    match calibration {
+        Calibration::MinMax => ActivationRange {
+            min: values.iter().copied().fold(f32::INFINITY, f32::min),
+            max: values.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        },
+        Calibration::Percentile(p) => {
+            let mut sorted = values.to_vec();
+            sorted.sort_by(f32::total_cmp);
+            let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+            ActivationRange {
+                min: at(1.0 - p / 100.0),
+                max: at(p / 100.0),
+            }
+        }
+    }
+}
+
+/// Quantizes every weight of `input` (biases stay `f32`) and evaluates the result.
+pub fn quantize_mlp(
+    input: &Artifact,
+    splits: &Splits,
+    cfg: &QuantizeConfig,
+) -> Result<QuantizeOutcome, QuantizeError> {
+    cfg.validate()?;
+    input
+        .validate()
+        .map_err(|e| QuantizeError::Model(e.to_string()))?;
+    let baseline = Engine::from_artifact(input).map_err(|e| QuantizeError::Model(e.to_string()))?;
+    let baseline_test = evaluate(&baseline, &splits.test).accuracy;
+    let baseline_validation = evaluate(&baseline, &splits.validation).accuracy;
+    let activation_ranges = calibrate(input, splits, cfg.calibration, cfg.calibration_rows);
+    let build = |bits: u8| -> Result<(Artifact, f32), QuantizeError> {
+        let mut artifact = input.clone();
+        let mut max_error = 0f32;
+        artifact.layers = input
+            .layers
+            .iter()
+            .map(|layer| {
+                let shape = layer.weight.shape().to_vec();
+                let values = layer.weight.to_dense_values();
+                let row = shape.get(1).copied().unwrap_or(values.len()).max(1);
+                let group = match cfg.granularity {
+                    Granularity::PerTensor => values.len().max(1),
+                    Granularity::PerChannel => row,
+                    Granularity::Grouped(g) => g,
+                };
+                let nonzero = values.iter().filter(|v| **v != 0.0).count();
+                // Positions cost about a byte each: worth it below ~60 % non-zeros.
+                let sparse = (nonzero as f64) <= 0.6 * values.len() as f64;
+                let weight = quantize_tensor(shape, &values, bits, group, cfg.symmetric, sparse);
+                let back = weight.to_dense_values();
+                for (a, b) in values.iter().zip(&back) {
+                    max_error = max_error.max((a - b).abs());
+                }
+                LayerTensors {
+                    weight,
+                    bias: TensorData::DenseF32 {
+                        shape: vec![layer.bias.element_count()],
+                        values: layer.bias.to_dense_values(),
+                    },
+                }
+            })
+            .collect();
+        artifact.validate().map_err(|e| {
+            QuantizeError::Model(format!("the quantized model is inconsistent: {e}"))
+        })?;
+        Ok((artifact, max_error))
+    };
+    let validation_of = |a: &Artifact| -> Result<f64, QuantizeError> {
+        let engine = Engine::from_artifact(a).map_err(|e| QuantizeError::Model(e.to_string()))?;
+        Ok(evaluate(&engine, &splits.validation).accuracy)
+    };
+    let (bits, (artifact, max_weight_error)) = match cfg.bits {
+        Bits::Eight => (8, build(8)?),
+        Bits::Four => (4, build(4)?),
+        Bits::Auto => {
+            let four = build(4)?;
+            // As in pruning: a validation split too small to resolve the budget allows
+            // one row.
+            let one_row = 1.0 / splits.validation.rows().max(1) as f64;
+            let allowed = cfg
+                .max_accuracy_drop
+                .max(one_row.min(2.0 * cfg.max_accuracy_drop));
+            if validation_of(&four.0)? + 1e-9 >= baseline_validation - allowed {
+                (4, four)
+            } else {
+                (8, build(8)?)
+            }
+        }
+    };
+    let engine =
+        Engine::from_artifact(&artifact).map_err(|e| QuantizeError::Model(e.to_string()))?;
+    let test = evaluate(&engine, &splits.test);
+    let validation = evaluate(&engine, &splits.validation);
+    Ok(QuantizeOutcome {
+        artifact,
+        bits,
+        baseline_test,
+        baseline_validation,
+        test,
+        validation,
+        activation_ranges,
+        max_weight_error,
+    })
+}
+
+/// The metrics a stage records for a quantization outcome.
+pub fn outcome_metrics(o: &QuantizeOutcome) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::from([
+        ("test_accuracy".to_string(), o.test.accuracy),
+        ("validation_accuracy".to_string(), o.validation.accuracy),
+        ("baseline_test_accuracy".to_string(), o.baseline_test),
+        (
+            "accuracy_drop".to_string(),
+            o.baseline_test - o.test.accuracy,
+        ),
+        ("bits".to_string(), f64::from(o.bits)),
+        (
+            "max_weight_error".to_string(),
+            f64::from(o.max_weight_error),
+        ),
+        (
+            "parameters".to_string(),
+            o.artifact
+                .layers
+                .iter()
+                .map(|l| l.weight.nonzero_count() + l.bias.nonzero_count())
+                .sum::<usize>() as f64,
+        ),
+    ]);
+    for (i, r) in o.activation_ranges.iter().enumerate() {
+        m.insert(format!("activation_min.layer{i}"), f64::from(r.min));
+        m.insert(format!("activation_max.layer{i}"), f64::from(r.max));
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scales_of(t: &TensorData) -> Vec<f32> {
+        match t {
+            TensorData::QuantizedInt { scales, .. } => scales.clone(),
+            other => panic!("not quantized: {}", other.kind()),
+        }
+    }
+
+    #[test]
+    fn dequantization_error_is_at_most_half_a_scale() {
+        let values: Vec<f32> = (0..640)
+            .map(|k| ((k * 37 % 101) as f32 - 50.0) / 17.0 + if k % 9 == 0 { 3.0 } else { 0.0 })
+            .collect();
+        for bits in [8u8, 4] {
+            for symmetric in [true, false] {
+                for group in [640usize, 64, 16] {
+                    let t = quantize_tensor(vec![10, 64], &values, bits, group, symmetric, false);
+                    let scales = scales_of(&t);
+                    let back = t.to_dense_values();
+                    for (k, (a, b)) in values.iter().zip(&back).enumerate() {
+                        let s = scales[k / group];
+                        assert!(
+                            (a - b).abs() <= s / 2.0 + 1e-6,
+                            "bits {bits} symmetric {symmetric} group {group}: {a} vs {b}, scale {s}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn per_channel_beats_per_tensor_when_one_channel_has_a_large_range() {
+        let mut values: Vec<f32> = (0..8 * 32)
+            .map(|k| ((k % 13) as f32 - 6.0) * 0.01)
+            .collect();
+        for v in &mut values[3 * 32..4 * 32] {
+            *v *= 100.0;
+        }
+        // Squared error over all weights, and over the 7 ordinary channels.
+        let error = |group: usize| {
+            let t = quantize_tensor(vec![8, 32], &values, 8, group, true, false);
+            let back = t.to_dense_values();
+            let sq = |k: usize| f64::from((values[k] - back[k]).powi(2));
+            let all: f64 = (0..values.len()).map(sq).sum();
+            let ordinary: f64 = (0..values.len()).filter(|k| k / 32 != 3).map(sq).sum();
+            (all, ordinary)
+        };
+        let (per_tensor, per_channel) = (error(8 * 32), error(32));
+        assert!(
+            per_channel.0 < per_tensor.0,
+            "{per_channel:?} vs {per_tensor:?}"
+        );
+        // The large channel no longer sets the step of the others.
+        assert!(
+            per_channel.1 * 100.0 < per_tensor.1,
+            "{per_channel:?} vs {per_tensor:?}"
+        );
+    }
+
+    #[test]
+    fn the_int8_engine_matches_the_dequantized_model_and_holds_a_quarter_of_the_bytes() {
+        use crate::data::{builtin, split};
+        use crate::engine::KernelChoice;
+        use crate::mlp::MlpConfig;
+        use crate::train::{TrainConfig, train_mlp};
+        let (train, test) = builtin("digits").unwrap();
+        let splits = split(train, Some(test), 0.1, 0.0, 0).unwrap();
+        let cfg = TrainConfig {
+            epochs: 8,
+            ..TrainConfig::default()
+        };
+        let trained = train_mlp(
+            &splits,
+            &MlpConfig::new(64, vec![32, 16], 10),
+            &cfg,
+            &mut |_| {},
+        )
+        .unwrap();
+        for symmetric in [true, false] {
+            let q = quantize_mlp(
+                &trained.artifact,
+                &splits,
+                &QuantizeConfig {
+                    bits: Bits::Eight,
+                    granularity: Granularity::PerChannel,
+                    symmetric,
+                    calibration: Calibration::MinMax,
+                    calibration_rows: 100,
+                    max_accuracy_drop: 0.005,
+                },
+            )
+            .unwrap();
+            let back = Artifact::from_bytes(&q.artifact.to_bytes()).unwrap();
+            assert_eq!(back, q.artifact);
+            let int8 = Engine::from_artifact(&back).unwrap();
+            let float = Engine::with_kernels(&back, KernelChoice::DenseOnly).unwrap();
+            let original = Engine::from_artifact(&trained.artifact).unwrap();
+            assert!(int8.resident_weight_bytes() * 3 < original.resident_weight_bytes());
+            let n = splits.test.rows();
+            let a = int8.logits_batch(&splits.test.features, n).unwrap();
+            let b = float.logits_batch(&splits.test.features, n).unwrap();
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-3 * (1.0 + x.abs()), "{x} vs {y}");
+            }
+            for r in 0..n {
+                let a = int8.logits(splits.test.row(r)).unwrap();
+                let b = float.logits(splits.test.row(r)).unwrap();
+                assert!(
+                    a.iter()
+                        .zip(&b)
+                        .all(|(x, y)| (x - y).abs() <= 1e-3 * (1.0 + x.abs()))
+                );
+            }
+            assert!(
+                q.test.accuracy >= q.baseline_test - 0.01,
+                "{} vs {}",
+                q.test.accuracy,
+                q.baseline_test
+            );
+        }
+    }
+
+    #[test]
+    fn sparse_quantization_keeps_zeros_exact_and_stores_only_non_zeros() {
+        let values: Vec<f32> = (0..100)
+            .map(|k| {
+                if k % 10 == 0 {
+                    k as f32 * 0.1 - 3.05
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        for symmetric in [true, false] {
+            let t = quantize_tensor(vec![10, 10], &values, 8, 10, symmetric, true);
+            let back = t.to_dense_values();
+            for (a, b) in values.iter().zip(&back) {
+                if *a == 0.0 {
+                    assert_eq!(*b, 0.0);
+                }
+            }
+            let TensorData::QuantizedInt { data, indices, .. } = &t else {
+                panic!("quantized")
+            };
+            assert_eq!((data.len(), indices.len()), (10, 10));
+        }
+    }
+}

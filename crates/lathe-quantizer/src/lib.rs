@@ -1,0 +1,110 @@
+//! The quantize stage: loads the input artifact (dense or pruned) and the job's splits,
+//! quantizes every weight to 8 or 4 bits (per tensor, channel or group; symmetric or with
+//! zero points; `"auto"` picks 4 bits when the validation accuracy stays inside the budget),
+//! calibrates the activation ranges on a sample of the training split, and hands on the
+//! integer artifact (sparse int8/int4 for a pruned model). Records accuracy, bits, bytes.
+
+use std::time::Instant;
+
+use lathe_model::quantize::{
+    Bits, Calibration, Granularity, QuantizeConfig, outcome_metrics, quantize_mlp,
+};
+use lathe_proto::spec::{self, AutoOr, QuantizeParams};
+use lathe_proto::{Stage, StageTask};
+use lathe_runtime::{StageError, StageHandler, StageOutput, TaskContext};
+use tracing::Instrument;
+
+/// The quantize stage.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Quantizer;
+
+/// The library's settings for the spec's; bits other than 8, 4 or auto are refused (intake
+/// refuses them first).
+fn quantize_config(p: &QuantizeParams, task: &StageTask) -> Result<QuantizeConfig, StageError> {
+    Ok(QuantizeConfig {
+        bits: match p.bits {
+            AutoOr::Auto => Bits::Auto,
+            AutoOr::Value(8) => Bits::Eight,
+            AutoOr::Value(4) => Bits::Four,
+            AutoOr::Value(b) => {
+                return Err(StageError::Permanent(format!(
+                    "quantize.bits: {b} bits are not supported (8, 4 or \"auto\")"
+                )));
+            }
+        },
+        granularity: match p.granularity {
+            spec::Granularity::PerTensor => Granularity::PerTensor,
+            spec::Granularity::PerChannel => Granularity::PerChannel,
+            spec::Granularity::Grouped => Granularity::Grouped(p.group_size as usize),
+        },
+        symmetric: p.symmetric,
+        calibration: match p.calibration {
+            spec::Calibration::MinMax => Calibration::MinMax,
+            spec::Calibration::Percentile => Calibration::Percentile(p.percentile),
+        },
+        calibration_rows: p.calibration_rows as usize,
+        max_accuracy_drop: task.spec.budget.max_accuracy_drop,
+    })
+}
+
+impl StageHandler for Quantizer {
+    fn stage(&self) -> Stage {
+        Stage::Quantize
+    }
+
+    async fn process(&self, ctx: TaskContext, task: StageTask) -> Result<StageOutput, StageError> {
+        let started = Instant::now();
+        // A pipeline naming quantize without parameters gets the documented defaults, the
+        // same `"quantize": {}` gives.
+        let params: QuantizeParams = match task.spec.quantize.clone() {
+            Some(p) => p,
+            None => serde_json::from_value(serde_json::json!({}))
+                .map_err(|e| StageError::Permanent(format!("quantize defaults: {e}")))?,
+        };
+        let cfg = quantize_config(&params, &task)?;
+        let load = tracing::info_span!("load dataset", source = %task.spec.dataset.source);
+        let splits =
+            lathe_runtime::dataset::load_splits(&ctx, &task.spec.dataset, task.spec.train.seed)
+                .instrument(load)
+                .await?;
+        // The previous stage's artifact, or the network imported from model.source when the
+        // pipeline starts here.
+        let artifact = lathe_runtime::dataset::input_model(&ctx, &task, &splits).await?;
+        let input_bytes = match &task.input {
+            Some(r) => r.bytes as f64,
+            None => artifact.to_bytes().len() as f64,
+        };
+        let span = tracing::info_span!("quantize", bits = ?cfg.bits);
+        let outcome = tokio::task::spawn_blocking(move || {
+            let _g = span.enter();
+            quantize_mlp(&artifact, &splits, &cfg)
+        })
+        .await
+        .map_err(|e| StageError::Retryable(format!("quantization thread failed: {e}")))?
+        .map_err(|e| StageError::Permanent(e.to_string()))?;
+
+        let mut metrics = outcome_metrics(&outcome);
+        metrics.insert("seconds".into(), started.elapsed().as_secs_f64());
+        let mut artifact = outcome.artifact.clone();
+        let params_json = serde_json::to_value(&params).unwrap_or_default();
+        artifact.push_lineage("quantize", params_json, metrics.clone());
+        artifact.metrics = metrics.clone();
+        let out = artifact.to_bytes();
+        metrics.insert("artifact_bytes".into(), out.len() as f64);
+        metrics.insert("input_artifact_bytes".into(), input_bytes);
+        tracing::info!(
+            test_accuracy = outcome.test.accuracy,
+            bits = outcome.bits,
+            artifact_bytes = out.len(),
+            "Quantized"
+        );
+        Ok(StageOutput {
+            artifact: Some(out),
+            metrics,
+            details: Some(serde_json::json!({
+                "test": outcome.test,
+                "activation_ranges": outcome.activation_ranges,
+            })),
+        })
+    }
+}
