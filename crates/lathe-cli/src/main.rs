@@ -24,10 +24,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let telemetry = args
-        .command
-        .runs_services()
-        .then(|| runtime.block_on(async { lathe_runtime::trace::init_telemetry("lathe") }));
+    // The demo keeps the terminal for its progress and result: warnings only, unless RUST_LOG.
+    let level = if matches!(args.command, cli::Command::Demo) {
+        "warn"
+    } else {
+        "info"
+    };
+    let telemetry = args.command.runs_services().then(|| {
+        runtime.block_on(async { lathe_runtime::trace::init_telemetry_with("lathe", level) })
+    });
     let result = runtime.block_on(commands::run(args));
     // Flush spans while the runtime that drives the gRPC exporter still runs.
     if let Some(t) = telemetry {
