@@ -22,7 +22,7 @@ use tracing::Instrument;
 pub struct Distiller;
 
 /// The distillation settings for a job: T and α from the spec (or their defaults), the
-/// student's epochs from `distill.epochs` or else the job's training epochs, and the
+/// student's epochs from `distill.epochs` or else `DEFAULT_DISTILL_EPOCHS` (300), and the
 /// optimiser settings and seed of the job's training. The teacher-labelled augmentation is
 /// the library's default, the setting that measured best (`lathe-distill-bench`).
 fn distill_config(spec: &lathe_proto::JobSpec) -> DistillConfig {
@@ -34,7 +34,7 @@ fn distill_config(spec: &lathe_proto::JobSpec) -> DistillConfig {
     DistillConfig {
         temperature,
         alpha,
-        epochs: epochs.unwrap_or(spec.train.epochs) as usize,
+        epochs: epochs.unwrap_or(lathe_proto::spec::DEFAULT_DISTILL_EPOCHS) as usize,
         batch_size: spec.train.batch_size as usize,
         learning_rate: spec.train.learning_rate,
         seed: spec.train.seed,
@@ -196,12 +196,15 @@ mod tests {
     }
 
     #[test]
-    fn without_distill_epochs_the_training_epochs_are_used() {
+    fn without_distill_epochs_the_default_is_used() {
         let cfg = distill_config(&spec(
             r#"{"name": "d", "dataset": {"source": "builtin:digits"},
                 "train": {"epochs": 40}, "pipeline": ["train", "distill"]}"#,
         ));
-        assert_eq!(cfg.epochs, 40);
+        assert_eq!(
+            cfg.epochs,
+            lathe_proto::spec::DEFAULT_DISTILL_EPOCHS as usize
+        );
         assert_eq!(cfg.temperature, 4.0);
         assert_eq!(cfg.alpha, 0.7);
     }

@@ -330,10 +330,14 @@ pub struct DistillParams {
     /// Weight α of the soft-target term, in [0, 1].
     #[serde(default = "default_alpha")]
     pub alpha: f64,
-    /// Student training epochs (default: the job's training epochs).
+    /// Student training epochs (default 300: on digits distillation beat training from
+    /// scratch at 300 epochs and lost to it at 60).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epochs: Option<u32>,
 }
+
+/// Student epochs when `distill.epochs` is not given.
+pub const DEFAULT_DISTILL_EPOCHS: u32 = 300;
 
 fn default_temperature() -> f64 {
     4.0

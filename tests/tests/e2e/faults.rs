@@ -96,3 +96,50 @@ async fn a_flood_of_malformed_messages_leaves_every_service_serving() {
     trainer.kill().unwrap();
     trainer.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_artifact_fails_its_job_naming_the_artifact() {
+    let s = stack().await;
+    let url = s.server.url();
+    let trainer = start_trainer(&url, "t1").await;
+    let spec =
+        br#"{"name": "corrupt", "dataset": {"source": "builtin:digits"}, "model": {"hidden": [64]},
+        "train": {"epochs": 5}, "prune": {"target_sparsity": 0.5, "steps": 1, "finetune_epochs": 1},
+        "pipeline": ["train", "prune"]}"#;
+    let job = submit(&s.res, spec).await;
+    // No pruner runs yet: wait for the trained artifact, then damage it in the object store.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let artifact = loop {
+        let record = s.res.jobs.get(job).await.unwrap().map(|(r, _)| r);
+        if let Some(step) = record.as_ref().map(|r| &r.steps[0])
+            && step.state == lathe_proto::StepState::Completed
+            && let Some(a) = step.artifact.clone()
+        {
+            break a;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the train step never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    trainer.stop().await;
+    let mut bytes = s.res.artifacts.get(&artifact).await.unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    s.res
+        .artifacts
+        .raw()
+        .put(artifact.name.as_str(), &mut bytes.as_slice())
+        .await
+        .unwrap();
+
+    let pruner = start_stage(&url, "p1", "lathe-pruner", lathe_pruner::Pruner).await;
+    let r = wait_job(&s.res, job, Duration::from_secs(60)).await;
+    assert_eq!(r.state, JobState::Failed);
+    let error = r.error.unwrap_or_default();
+    assert!(error.contains(&artifact.name), "{error}");
+    assert!(error.contains("digest mismatch"), "{error}");
+    assert_eq!(r.steps[1].attempts, 1, "a corrupt artifact is not retried");
+    pruner.stop().await;
+}
