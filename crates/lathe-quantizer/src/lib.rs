@@ -70,10 +70,8 @@ impl StageHandler for Quantizer {
         // The previous stage's artifact, or the network imported from model.source when the
         // pipeline starts here.
         let artifact = lathe_runtime::dataset::input_model(&ctx, &task, &splits).await?;
-        let input_bytes = match &task.input {
-            Some(r) => r.bytes as f64,
-            None => artifact.to_bytes().len() as f64,
-        };
+        // The input's size is in its reference; an imported model has no stored input.
+        let input_bytes = task.input.as_ref().map(|r| r.bytes as f64);
         let span = tracing::info_span!("quantize", bits = ?cfg.bits);
         let outcome = tokio::task::spawn_blocking(move || {
             let _g = span.enter();
@@ -91,7 +89,9 @@ impl StageHandler for Quantizer {
         artifact.metrics = metrics.clone();
         let out = artifact.to_bytes();
         metrics.insert("artifact_bytes".into(), out.len() as f64);
-        metrics.insert("input_artifact_bytes".into(), input_bytes);
+        if let Some(bytes) = input_bytes {
+            metrics.insert("input_artifact_bytes".into(), bytes);
+        }
         tracing::info!(
             test_accuracy = outcome.test.accuracy,
             bits = outcome.bits,
