@@ -77,6 +77,43 @@ pub async fn start_trainer(url: &str, id: &str) -> InProcess {
     start_stage(url, id, "lathe-trainer", lathe_trainer::Trainer).await
 }
 
+/// A deployer replica (deploy stage + inference serving) running in this process.
+pub async fn start_deployer(
+    url: &str,
+    id: &str,
+    settings: lathe_deployer::ServeSettings,
+) -> InProcess {
+    let res = connect(url, id).await;
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let readiness = lathe_runtime::health::Readiness::default();
+    readiness.provisioned(res.client.clone());
+    let handle = tokio::spawn(async move {
+        lathe_deployer::run(res, settings, None, readiness, s)
+            .await
+            .expect("the deployer serves");
+    });
+    InProcess { stop, handle }
+}
+
+/// Serving settings for tests: this replica's name, everything else default.
+pub fn serve_settings(replica: &str) -> lathe_deployer::ServeSettings {
+    lathe_deployer::ServeSettings {
+        replica: replica.to_string(),
+        ..Default::default()
+    }
+}
+
+/// A quick `train → deploy` spec for model `model`; `deploy` is the deploy section's body.
+pub fn deploy_spec(name: &str, model: &str, deploy: &str) -> Vec<u8> {
+    format!(
+        r#"{{"name": "{name}", "dataset": {{"source": "builtin:digits"}}, "model": {{"hidden": [32]}},
+            "train": {{"epochs": 15, "patience": null, "seed": 1}}, "pipeline": ["train", "deploy"],
+            "deploy": {{"model": "{model}"{deploy}}}}}"#
+    )
+    .into_bytes()
+}
+
 /// The directory holding the workspace's binaries (`cargo build --bins` puts them there).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

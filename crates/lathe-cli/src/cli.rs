@@ -57,6 +57,19 @@ pub enum Command {
         #[arg(long, requires = "jaeger")]
         fetch: bool,
     },
+    /// Deployed models: versions, active, canary, metrics (one model, or all).
+    Models { model: Option<String> },
+    /// Ask a deployed model: INPUT is JSON (a row, a batch or a whole request), a CSV file
+    /// of rows, or comma-separated numbers.
+    Infer { model: String, input: String },
+    /// Make a registered version of a model active.
+    Promote { model: String, version: u32 },
+    /// Withdraw a model's canary, or return to the version active before (or --to VERSION).
+    Rollback {
+        model: String,
+        #[arg(long)]
+        to: Option<u32>,
+    },
     /// Datasets in the lathe-datasets bucket.
     #[command(subcommand)]
     Dataset(DatasetCommand),

@@ -12,7 +12,7 @@ use lathe_runtime::{NatsSettings, Resources, WorkerSettings, provision, settings
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Cli, Command, DatasetCommand, Global};
-use crate::{local, trace_view, watch};
+use crate::{local, models, trace_view, watch};
 
 /// The sample job of the demo: the built-in digits data through every available stage.
 const DEMO_SPEC: &str = include_str!("../../../proto/examples/valid/digits-chain.json");
@@ -261,6 +261,22 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Models { model } => {
+            let res = connect(&g).await?;
+            models::list(&res, model, g.json).await
+        }
+        Command::Infer { model, input } => {
+            let res = connect(&g).await?;
+            models::infer(&res.client, &model, &input, g.json).await
+        }
+        Command::Promote { model, version } => {
+            let res = connect(&g).await?;
+            models::promote(&res, &model, version, g.json).await
+        }
+        Command::Rollback { model, to } => {
+            let res = connect(&g).await?;
+            models::rollback(&res, &model, to, g.json).await
+        }
         Command::Dataset(DatasetCommand::Put { name, file }) => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -355,6 +371,12 @@ async fn demo(g: &Global) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    if let Some((record, _)) = res.jobs.get(job).await?
+        && record.state == JobState::Completed
+        && let Some(deploy) = &spec.deploy
+    {
+        demo_inference(&res, &deploy.model).await?;
+    }
     stop.cancel();
     match services.await {
         Ok(Err(e)) => eprintln!("lathe: a service stopped with an error: {e:#}"),
@@ -362,4 +384,37 @@ async fn demo(g: &Global) -> anyhow::Result<ExitCode> {
         Ok(Ok(())) => {}
     }
     Ok(code)
+}
+
+/// Sends the built-in test rows to the deployed model over NATS, as a client would, and
+/// prints how many it got right.
+async fn demo_inference(res: &Resources, model: &lathe_proto::ModelName) -> anyhow::Result<()> {
+    let (_, test) = lathe_model::data::builtin("digits")?;
+    let w = test.n_features;
+    let rows: Vec<&[f32]> = test.features.chunks_exact(w).collect();
+    let body = serde_json::json!({ "inputs": rows });
+    let started = std::time::Instant::now();
+    let reply = res
+        .client
+        .request(names::infer_subject(model), body.to_string().into())
+        .await
+        .with_context(|| format!("no answer on {}", names::infer_subject(model)))?;
+    let took = started.elapsed();
+    let reply: lathe_proto::InferReply = codec::decode_any(&reply.payload, None)
+        .map_err(|e| anyhow::anyhow!("unreadable inference reply: {e}"))?;
+    let right = reply
+        .predictions
+        .iter()
+        .zip(&test.labels)
+        .filter(|(p, l)| p.class == **l)
+        .count();
+    println!(
+        "served: {} v{} on {}: {right}/{} built-in test rows right, one batch in {:.1} ms",
+        reply.model,
+        reply.version,
+        names::infer_subject(model),
+        reply.predictions.len(),
+        took.as_secs_f64() * 1e3
+    );
+    Ok(())
 }

@@ -130,6 +130,16 @@ pub async fn run_services(url: String, shutdown: CancellationToken) -> anyhow::R
         lathe_quantizer::Quantizer,
         shutdown.clone(),
     ));
+    let deployer = service::start("lathe-deployer", &nats, worker.clone()).await?;
+    let readiness = lathe_runtime::health::Readiness::default();
+    readiness.provisioned(deployer.client.clone());
+    tasks.spawn(lathe_deployer::run(
+        deployer,
+        lathe_deployer::ServeSettings::from_env()?,
+        None,
+        readiness,
+        shutdown.clone(),
+    ));
     while let Some(done) = tasks.join_next().await {
         done??;
     }

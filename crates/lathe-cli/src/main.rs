@@ -5,6 +5,7 @@
 mod cli;
 mod commands;
 mod local;
+mod models;
 mod trace_view;
 mod watch;
 

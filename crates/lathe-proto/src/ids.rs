@@ -162,7 +162,7 @@ impl Stage {
     pub fn is_available(self) -> bool {
         matches!(
             self,
-            Stage::Train | Stage::Distill | Stage::Prune | Stage::Quantize
+            Stage::Train | Stage::Distill | Stage::Prune | Stage::Quantize | Stage::Deploy
         )
     }
 }

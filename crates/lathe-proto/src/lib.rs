@@ -7,6 +7,8 @@
 //! - [`spec`]: the job spec a user publishes, with its defaults and its validation.
 //! - [`messages`]: every other message (stage task, job record, event, artifact reference,
 //!   inference request/reply, telemetry, feedback, alert, dead letter).
+//! - [`oip`]: the Open Inference Protocol (KServe v2) request and response shapes.
+//! - [`registry`]: the model registry entry and the rules of promotion and rollback.
 //! - [`codec`]: MessagePack with named fields between services, JSON where a person publishes.
 //! - [`schema`]: the JSON Schema of every message, as written to `proto/schemas/`.
 //!
@@ -16,6 +18,8 @@ pub mod codec;
 pub mod ids;
 pub mod messages;
 pub mod names;
+pub mod oip;
+pub mod registry;
 pub mod schema;
 pub mod spec;
 

@@ -349,6 +349,17 @@ pub struct TelemetryRecord {
     pub sampled_inputs: Vec<Vec<f32>>,
 }
 
+/// Telemetry records a replica sends together on `lathe.telemetry.<model>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TelemetryBatch {
+    #[serde(default = "v1")]
+    pub schema_version: u32,
+    pub model: ModelName,
+    /// The replica that served them.
+    pub replica: String,
+    pub records: Vec<TelemetryRecord>,
+}
+
 /// Ground truth sent after the fact on `lathe.feedback.<model>`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -76,6 +76,16 @@ pub fn artifact_name(job: JobId, step: u32, stage: Stage) -> String {
     format!("{job}/{step}-{}", stage.as_str())
 }
 
+/// The prefix of every model's inference subject.
+pub const INFER_PREFIX: &str = "lathe.infer";
+/// Every model's inference subject, as the deployer's endpoint subscribes to it (`>`, so
+/// that a malformed model name such as `a.b` gets an error reply, not "no responders").
+pub const INFER_SUBJECTS: &str = "lathe.infer.>";
+/// Every model's telemetry, as the monitor subscribes to it.
+pub const TELEMETRY_SUBJECTS: &str = "lathe.telemetry.*";
+/// Every model's feedback.
+pub const FEEDBACK_SUBJECTS: &str = "lathe.feedback.*";
+
 /// Inference requests for a model.
 pub fn infer_subject(model: &ModelName) -> String {
     format!("lathe.infer.{model}")

@@ -5,6 +5,8 @@
 use schemars::{JsonSchema, generate::SchemaSettings};
 
 use crate::messages::*;
+use crate::oip::{OipRequest, OipResponse};
+use crate::registry::ModelEntry;
 use crate::spec::JobSpec;
 
 fn schema_of<T: JsonSchema>() -> serde_json::Value {
@@ -27,7 +29,11 @@ pub fn all() -> Vec<(&'static str, String)> {
             "telemetry-record.schema.json",
             schema_of::<TelemetryRecord>(),
         ),
+        ("telemetry-batch.schema.json", schema_of::<TelemetryBatch>()),
         ("feedback.schema.json", schema_of::<Feedback>()),
+        ("model-entry.schema.json", schema_of::<ModelEntry>()),
+        ("oip-request.schema.json", schema_of::<OipRequest>()),
+        ("oip-response.schema.json", schema_of::<OipResponse>()),
         ("alert.schema.json", schema_of::<Alert>()),
     ];
     entries

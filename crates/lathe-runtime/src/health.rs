@@ -4,7 +4,7 @@
 //! while the connection holds, else 503 with the reason.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::Router;
 use axum::extract::State;
@@ -14,11 +14,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::RuntimeError;
 
+/// A service's own readiness condition (the deployer's: every active model loaded).
+pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// What readiness looks at; shared between the service and its health endpoint.
 #[derive(Clone, Default)]
 pub struct Readiness {
     /// Set once the service has connected and provisioned.
     client: Arc<OnceLock<async_nats::Client>>,
+    /// Further conditions a service adds.
+    checks: Arc<Mutex<Vec<ReadyCheck>>>,
 }
 
 impl Readiness {
@@ -27,15 +32,32 @@ impl Readiness {
         let _ = self.client.set(client);
     }
 
+    /// Adds a condition that must hold too.
+    pub fn add_check(&self, check: ReadyCheck) {
+        self.checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(check);
+    }
+
     /// `Ok` when ready, else why not.
-    pub fn check(&self) -> Result<(), &'static str> {
+    pub fn check(&self) -> Result<(), String> {
         match self.client.get() {
-            None => Err("not ready: NATS resources not provisioned yet"),
+            None => return Err("not ready: NATS resources not provisioned yet".into()),
             Some(c) if c.connection_state() != async_nats::connection::State::Connected => {
-                Err("not ready: disconnected from NATS")
+                return Err("not ready: disconnected from NATS".into());
             }
-            Some(_) => Ok(()),
+            Some(_) => {}
         }
+        let checks = self
+            .checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for check in checks {
+            check().map_err(|why| format!("not ready: {why}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -43,11 +65,19 @@ async fn livez() -> &'static str {
     "live\n"
 }
 
-async fn readyz(State(r): State<Readiness>) -> (StatusCode, &'static str) {
+async fn readyz(State(r): State<Readiness>) -> (StatusCode, String) {
     match r.check() {
-        Ok(()) => (StatusCode::OK, "ready\n"),
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
+}
+
+/// The `/livez` and `/readyz` routes, for a service that serves more on the same port.
+pub fn router(readiness: Readiness) -> Router {
+    Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .with_state(readiness)
 }
 
 /// The address from `LATHE_HEALTH_ADDR`, if set.
@@ -72,25 +102,33 @@ pub async fn serve(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), RuntimeError> {
-    let listener =
-        tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| RuntimeError::Setting {
-                name: "LATHE_HEALTH_ADDR",
-                reason: format!("cannot listen on {addr}: {e}"),
-            })?;
-    let app = Router::new()
-        .route("/livez", get(livez))
-        .route("/readyz", get(readyz))
-        .with_state(readiness);
+    let listener = bind(addr, "LATHE_HEALTH_ADDR").await?;
+    serve_router(listener, router(readiness), shutdown);
+    tracing::info!(%addr, "Health endpoint listening");
+    Ok(())
+}
+
+/// Binds `addr` for a service's HTTP routes; the error names `setting`.
+pub async fn bind(
+    addr: SocketAddr,
+    setting: &'static str,
+) -> Result<tokio::net::TcpListener, RuntimeError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| RuntimeError::Setting {
+            name: setting,
+            reason: format!("cannot listen on {addr}: {e}"),
+        })
+}
+
+/// Serves `app` on `listener` in the background until `shutdown`.
+pub fn serve_router(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) {
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
         if let Err(e) = served {
-            tracing::warn!(error = %e, "Health endpoint stopped");
+            tracing::warn!(error = %e, "HTTP endpoint stopped");
         }
     });
-    tracing::info!(%addr, "Health endpoint listening");
-    Ok(())
 }

@@ -13,6 +13,7 @@
 //! - [`trace`]: W3C trace context in NATS headers, and telemetry set-up (logs and OTLP).
 //! - [`worker`]: the stage worker loop every service runs.
 //! - [`health`]: `/livez` and `/readyz` for orchestrators (`LATHE_HEALTH_ADDR`).
+//! - [`registry`]: the model registry (`lathe-models`), changed only by compare-and-set.
 //! - [`intake`]: validation of submitted specs into job records and first tasks.
 //! - [`shutdown`]: SIGTERM/SIGINT into a cancellation token.
 //!
@@ -27,6 +28,7 @@ pub mod health;
 pub mod intake;
 pub mod jobs;
 pub mod provision;
+pub mod registry;
 pub mod service;
 pub mod settings;
 pub mod shutdown;

@@ -12,6 +12,7 @@ use crate::artifacts::{ArtifactStore, DatasetStore};
 use crate::error::RuntimeError;
 use crate::events::Events;
 use crate::jobs::JobStore;
+use crate::registry::Registry;
 use crate::settings::WorkerSettings;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -25,7 +26,7 @@ pub struct Resources {
     pub events: Events,
     pub artifacts: ArtifactStore,
     pub datasets: DatasetStore,
-    pub models: kv::Store,
+    pub registry: Registry,
     pub worker: WorkerSettings,
 }
 
@@ -159,7 +160,7 @@ pub async fn provision(client: Client, worker: WorkerSettings) -> Result<Resourc
         events: Events::new(js.clone()),
         artifacts: ArtifactStore::new(artifacts),
         datasets: DatasetStore::new(datasets),
-        models: models_kv,
+        registry: Registry::new(models_kv),
         worker,
     })
 }
