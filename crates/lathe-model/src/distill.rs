@@ -25,7 +25,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::artifact::{Architecture, Artifact, LayerTensors, ReferenceSample};
+use crate::artifact::{Architecture, Artifact, DriftReference, LayerTensors};
 use crate::data::Splits;
 use crate::engine::Engine;
 use crate::eval::{Evaluation, evaluate};
@@ -505,12 +505,12 @@ pub fn distill_mlp(
         feature_names: teacher.feature_names.clone(),
         class_labels: teacher.class_labels.clone(),
         lineage: teacher.lineage.clone(),
-        reference: ReferenceSample::default(),
+        reference: DriftReference::default(),
         metrics: BTreeMap::new(),
     };
     let engine =
         Engine::from_artifact(&artifact).map_err(|e| DistillError::Package(e.to_string()))?;
-    artifact.reference = reference_sample(&engine, train, cfg.seed)?;
+    artifact.reference = reference_sample(&engine, train)?;
     let test = evaluate(&engine, &splits.test);
     let validation = evaluate(&engine, &splits.validation);
     let teacher_test_accuracy = evaluate(&teacher_engine, &splits.test).accuracy;

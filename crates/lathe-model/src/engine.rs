@@ -17,7 +17,7 @@
 use std::cell::RefCell;
 
 use crate::artifact::{Artifact, ArtifactError, TensorData};
-use crate::kernels::{self, RowScratch, SPARSE_LANES, SparseWeight};
+use crate::kernels::{self, Int8Weight, RowQuant, RowScratch, SPARSE_LANES, SparseWeight};
 
 /// The largest share of non-zero weights at which a layer's batches run on the sparse batch
 /// kernel. It does about a third more work per stored weight than the GEMM (an index load,
@@ -34,16 +34,23 @@ pub const SPARSE_MAX_DENSITY: f64 = 0.35;
 pub const ROW_SPARSE_MAX_DENSITY: f64 = 0.02;
 
 thread_local! {
-    /// Per-thread scratch for batches through int8 layers: the standardised first-layer
-    /// input and each int8 layer widened to `f32` for the GEMM. Reused between calls, so a
-    /// batch pays for the widening (tens of µs) but not for fresh pages each time; it is
-    /// transient working memory, the model itself stays int8.
-    static INT8_BATCH_SCRATCH: RefCell<(Vec<f32>, Vec<Vec<f32>>)> = RefCell::default();
+    /// Per-thread scratch for int8 layers: the quantized activations, the integer sums,
+    /// the list of non-zero input groups and each row's quantization. Reused between calls.
+    static INT8_SCRATCH: RefCell<Int8Scratch> = RefCell::default();
 
     /// Per-thread scratch for single-row requests: activations of two consecutive layers
     /// and the kernel's list of non-zero inputs, kept between calls so a request allocates
     /// nothing but its answer.
     static ROW_SCRATCH: RefCell<(Vec<f32>, Vec<f32>, RowScratch)> = RefCell::default();
+}
+
+/// See `INT8_SCRATCH`.
+#[derive(Default)]
+struct Int8Scratch {
+    xq: Vec<u8>,
+    acc: Vec<i32>,
+    active: Vec<u32>,
+    quants: Vec<RowQuant>,
 }
 
 /// Rows per GEMM call in the batch path: the hidden activations of a chunk stay in the L2
@@ -103,38 +110,72 @@ enum Weight {
     Sparse(SparseWeight),
     /// Both: dense for single rows, sparse for batches.
     Both(Vec<f32>, SparseWeight),
-    /// Int8 values `[n_in][n_out]` with a scale and zero point per output: the weight is
-    /// `scale[o] · (q − zero[o])`. Batches widen it to `f32` for the GEMM per call; what the
-    /// engine holds stays one byte per weight.
+    /// Int8 weights with a scale and zero point per output (the weight is
+    /// `scale[o] · (q − zero[o])`), run as `u8 × i8` dot products with `i32` sums: each
+    /// row's activations are quantized to `u8` on the fly (per row, over its own range), so
+    /// the weights stay one byte each in memory and in the kernel. See `kernels::int8_dot`.
     Int8 {
-        q: Vec<i8>,
+        w: Int8Weight,
         scale: Vec<f32>,
         zero: Vec<f32>,
         /// For the first layer: `1 / standardiser scale` per input, applied to each request
-        /// (the standardiser cannot be folded into per-output integer weights).
+        /// before quantization (the standardiser cannot be folded into integer weights).
         input_scale: Option<Vec<f32>>,
     },
 }
 
 impl Weight {
-    /// Writes the weight as `f32` `[n_in][n_out]` for the GEMM into `wt` when it is stored
-    /// as int8 (else leaves `wt` empty).
-    fn widen_into(&self, n_out: usize, wt: &mut Vec<f32>) {
-        wt.clear();
-        let Weight::Int8 { q, scale, zero, .. } = self else {
-            return;
+    /// Runs an int8 layer on `rows` rows of `x` into `y` (row-major); `None` when the
+    /// weight is not int8.
+    #[allow(clippy::too_many_arguments)]
+    fn run_int8(
+        &self,
+        bias: &[f32],
+        x: &[f32],
+        rows: usize,
+        y: &mut [f32],
+        relu: bool,
+    ) -> Option<()> {
+        let Weight::Int8 {
+            w,
+            scale,
+            zero,
+            input_scale,
+        } = self
+        else {
+            return None;
         };
-        // Row by row, so the per-output factors line up without a division per weight and
-        // the loop vectorizes.
-        wt.resize(q.len(), 0.0);
-        for (out, row) in wt
-            .chunks_exact_mut(n_out.max(1))
-            .zip(q.chunks_exact(n_out.max(1)))
-        {
-            for (((w, &v), s), z) in out.iter_mut().zip(row).zip(scale).zip(zero) {
-                *w = s * (f32::from(v) - z);
+        INT8_SCRATCH.with(|cell| {
+            let mut guard = cell.borrow_mut();
+            let Int8Scratch {
+                xq,
+                acc,
+                active,
+                quants,
+            } = &mut *guard;
+            let stride = w.row_stride();
+            xq.resize(rows * stride, 0);
+            quants.clear();
+            for (row, q) in x.chunks_exact(w.n_in).zip(xq.chunks_exact_mut(stride)) {
+                quants.push(kernels::quantize_row(row, input_scale.as_deref(), q));
             }
-        }
+            let groups = if rows == 1 {
+                kernels::active_groups(xq, active);
+                Some(active.as_slice())
+            } else {
+                None
+            };
+            kernels::int8_dot(w, xq, rows, groups, acc);
+            let pad = acc.len() / rows.max(1);
+            for ((sums, out), quant) in acc
+                .chunks_exact(pad.max(1))
+                .zip(y.chunks_exact_mut(w.n_out))
+                .zip(quants.iter())
+            {
+                kernels::int8_finish_row(w, sums, *quant, scale, zero, bias, out, relu);
+            }
+        });
+        Some(())
     }
 }
 
@@ -188,13 +229,106 @@ fn int8_layer(
     let input_scale = (index == 0).then(|| pre.scale.iter().map(|s| 1.0 / s).collect());
     Some((
         Weight::Int8 {
-            q,
+            w: Int8Weight::from_in_out(&q, n_in, n_out),
             scale,
             zero,
             input_scale,
         },
         shift,
     ))
+}
+
+/// An `f32` layer before the choice of kernels: `wt` is `[n_in][n_out]`.
+#[derive(Debug, Clone)]
+struct F32Layer {
+    n_in: usize,
+    n_out: usize,
+    wt: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl F32Layer {
+    /// Keeps only the listed inputs (in order).
+    fn keep_inputs(&mut self, keep: &[usize]) {
+        let mut wt = Vec::with_capacity(keep.len() * self.n_out);
+        for &i in keep {
+            wt.extend_from_slice(&self.wt[i * self.n_out..(i + 1) * self.n_out]);
+        }
+        self.wt = wt;
+        self.n_in = keep.len();
+    }
+
+    /// Keeps only the listed outputs (in order).
+    fn keep_outputs(&mut self, keep: &[usize]) {
+        let mut wt = Vec::with_capacity(self.n_in * keep.len());
+        for i in 0..self.n_in {
+            wt.extend(keep.iter().map(|&o| self.wt[i * self.n_out + o]));
+        }
+        self.wt = wt;
+        self.bias = keep.iter().map(|&o| self.bias[o]).collect();
+        self.n_out = keep.len();
+    }
+}
+
+/// Compacts a pruned model without changing what it computes (up to float rounding of
+/// folded biases): a hidden neuron whose outgoing weights are all zero is removed; one
+/// whose incoming weights are all zero outputs the constant `relu(bias)`, which is folded
+/// into the next layer's bias before it is removed; a raw feature that no weight reads is
+/// dropped from the first layer. Repeats until nothing changes. Returns the features the
+/// first layer still reads when some were dropped.
+///
+/// Unstructured pruning leaves many such neurons (on the digits MLP at 90 % sparsity the
+/// Taylor saliency of a neuron that stopped firing is zero, so all its weights go), and a
+/// narrower layer is faster for every kernel: this is what makes single rows of a pruned
+/// model faster than the dense model's, not only batches.
+fn compact(layers: &mut [F32Layer]) -> Option<Vec<u32>> {
+    let mut changed = true;
+    while changed {
+        changed = false;
+        for l in 0..layers.len().saturating_sub(1) {
+            let (left, right) = layers.split_at_mut(l + 1);
+            let (this, next) = (&mut left[l], &mut right[0]);
+            let width = this.n_out;
+            let mut keep = Vec::with_capacity(width);
+            for j in 0..width {
+                let outgoing = &next.wt[j * next.n_out..(j + 1) * next.n_out];
+                if outgoing.iter().all(|w| *w == 0.0) {
+                    continue;
+                }
+                let incoming_zero = (0..this.n_in).all(|i| this.wt[i * width + j] == 0.0);
+                if incoming_zero {
+                    let constant = this.bias[j].max(0.0);
+                    for (b, w) in next.bias.iter_mut().zip(outgoing) {
+                        *b += constant * w;
+                    }
+                    continue;
+                }
+                keep.push(j);
+            }
+            if keep.len() < width {
+                this.keep_outputs(&keep);
+                next.keep_inputs(&keep);
+                changed = true;
+            }
+        }
+    }
+    let first = layers.first_mut()?;
+    let mut used: Vec<usize> = (0..first.n_in)
+        .filter(|&i| {
+            first.wt[i * first.n_out..(i + 1) * first.n_out]
+                .iter()
+                .any(|w| *w != 0.0)
+        })
+        .collect();
+    if used.is_empty() && first.n_in > 0 {
+        // The batch path walks rows by their input width, which must not be 0.
+        used.push(0);
+    }
+    if used.len() == first.n_in {
+        return None;
+    }
+    first.keep_inputs(&used);
+    Some(used.iter().map(|&i| i as u32).collect())
 }
 
 /// One linear layer ready to run.
@@ -224,6 +358,11 @@ pub enum KernelChoice {
 #[derive(Debug, Clone)]
 pub struct Engine {
     layers: Vec<Layer>,
+    /// The raw features a row has.
+    n_features: usize,
+    /// The features the first layer reads, when compaction dropped features no weight
+    /// uses (else every feature, in order).
+    input_map: Option<Vec<u32>>,
     feature_names: Vec<String>,
     class_labels: Vec<String>,
     /// The widest layer output, for sizing scratch space.
@@ -242,6 +381,9 @@ impl Engine {
         artifact.validate()?;
         let pre = &artifact.preprocessing;
         let mut layers = Vec::with_capacity(artifact.layers.len());
+        // The f32 layers as `[n_in][n_out]` weights and folded biases, before compaction
+        // and the choice of kernels; int8 layers are ready at once.
+        let mut built: Vec<Result<F32Layer, Layer>> = Vec::with_capacity(artifact.layers.len());
         for (index, layer) in artifact.layers.iter().enumerate() {
             if choice == KernelChoice::Auto
                 && let Some((weight, shift)) = int8_layer(index, &layer.weight, pre)
@@ -250,12 +392,12 @@ impl Engine {
                 let &[n_out, n_in] = layer.weight.shape() else {
                     continue;
                 };
-                layers.push(Layer {
+                built.push(Err(Layer {
                     n_in,
                     n_out,
                     weight,
                     bias: bias.iter().zip(&shift).map(|(b, s)| b - s).collect(),
-                });
+                }));
                 continue;
             }
             let weight_values = f32_values(index, "weight", &layer.weight)?;
@@ -288,6 +430,37 @@ impl Engine {
                 }
                 folded_bias[o] = (f64::from(folded_bias[o]) - shift) as f32;
             }
+            built.push(Ok(F32Layer {
+                n_in,
+                n_out,
+                wt,
+                bias: folded_bias,
+            }));
+        }
+        let n_features = artifact.mlp_config().input;
+        let mut input_map = None;
+        if choice == KernelChoice::Auto
+            && let Some(mut f32_layers) = built
+                .iter()
+                .map(|b| b.as_ref().ok().cloned())
+                .collect::<Option<Vec<F32Layer>>>()
+        {
+            input_map = compact(&mut f32_layers);
+            built = f32_layers.into_iter().map(Ok).collect();
+        }
+        for b in built {
+            let F32Layer {
+                n_in,
+                n_out,
+                wt,
+                bias,
+            } = match b {
+                Ok(f) => f,
+                Err(ready) => {
+                    layers.push(ready);
+                    continue;
+                }
+            };
             let nonzero = wt.iter().filter(|w| **w != 0.0).count();
             let density = nonzero as f64 / wt.len().max(1) as f64;
             let weight = if choice == KernelChoice::DenseOnly || density > SPARSE_MAX_DENSITY {
@@ -302,16 +475,24 @@ impl Engine {
                 n_in,
                 n_out,
                 weight,
-                bias: folded_bias,
+                bias,
             });
         }
         let max_width = layers.iter().map(|l| l.n_out).max().unwrap_or(0);
         Ok(Engine {
             layers,
+            n_features,
+            input_map,
             feature_names: artifact.feature_names.clone(),
             class_labels: artifact.class_labels.clone(),
             max_width,
         })
+    }
+
+    /// For each layer, its `(inputs, outputs)` as the engine runs it: after compaction a
+    /// pruned model's hidden layers can be narrower than the artifact's.
+    pub fn layer_shapes(&self) -> Vec<(usize, usize)> {
+        self.layers.iter().map(|l| (l.n_in, l.n_out)).collect()
     }
 
     /// For each layer, whether its batches run on the sparse kernel.
@@ -333,12 +514,12 @@ impl Engine {
                         Weight::Sparse(w) => w.resident_bytes(),
                         Weight::Both(wt, w) => 4 * wt.len() + w.resident_bytes(),
                         Weight::Int8 {
-                            q,
+                            w,
                             scale,
                             zero,
                             input_scale,
                         } => {
-                            q.len()
+                            w.resident_bytes()
                                 + 4 * (scale.len()
                                     + zero.len()
                                     + input_scale.as_ref().map_or(0, Vec::len))
@@ -350,7 +531,7 @@ impl Engine {
 
     /// The number of raw features a row must have.
     pub fn n_features(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.n_in)
+        self.n_features
     }
 
     /// The number of classes (logits per row).
@@ -411,25 +592,15 @@ impl Engine {
             current.resize(self.max_width.max(row.len()), 0.0);
             next.resize(self.max_width, 0.0);
             let last = self.layers.len() - 1;
-            for (i, layer) in self.layers.iter().enumerate() {
-                // An int8 first layer takes the standardised row, written into `current`
-                // (free until the first layer's output is swapped in).
-                let first_int8_scale = match &layer.weight {
-                    Weight::Int8 {
-                        input_scale: Some(inv),
-                        ..
-                    } if i == 0 => Some(inv),
-                    _ => None,
-                };
-                if let Some(inv) = first_int8_scale {
-                    for ((c, x), s) in current.iter_mut().zip(row).zip(inv) {
-                        *c = x * s;
-                    }
+            if let Some(map) = &self.input_map {
+                for (c, &f) in current.iter_mut().zip(map) {
+                    *c = row[f as usize];
                 }
-                let input: &[f32] = if i == 0 && first_int8_scale.is_none() {
-                    row
-                } else {
-                    &current[..layer.n_in]
+            }
+            for (i, layer) in self.layers.iter().enumerate() {
+                let input: &[f32] = match (i, &self.input_map) {
+                    (0, None) => row,
+                    _ => &current[..layer.n_in],
                 };
                 let output = &mut next[..layer.n_out];
                 match &layer.weight {
@@ -439,16 +610,11 @@ impl Engine {
                     Weight::Sparse(w) => {
                         kernels::sparse_row(w, &layer.bias, input, output, i < last, scratch)
                     }
-                    Weight::Int8 { q, scale, zero, .. } => kernels::int8_row(
-                        q,
-                        scale,
-                        zero,
-                        &layer.bias,
-                        input,
-                        output,
-                        i < last,
-                        scratch,
-                    ),
+                    Weight::Int8 { .. } => {
+                        layer
+                            .weight
+                            .run_int8(&layer.bias, input, 1, output, i < last);
+                    }
                 }
                 std::mem::swap(current, next);
             }
@@ -466,47 +632,32 @@ impl Engine {
     /// `n_rows × n_classes()`, row-major.
     pub fn logits_batch(&self, rows: &[f32], n_rows: usize) -> Result<Vec<f32>, EngineError> {
         self.check_rows(rows, n_rows)?;
-        if !self
-            .layers
-            .iter()
-            .any(|l| matches!(l.weight, Weight::Int8 { .. }))
-        {
-            return Ok(self.logits_batch_prepared(rows, n_rows, &[]));
-        }
-        let (mut scaled, mut widened) =
-            INT8_BATCH_SCRATCH.with(|c| std::mem::take(&mut *c.borrow_mut()));
-        widened.resize_with(self.layers.len(), Vec::new);
-        for (layer, buf) in self.layers.iter().zip(widened.iter_mut()) {
-            layer.weight.widen_into(layer.n_out, buf);
-        }
-        let logits = match self.layers.first().map(|l| &l.weight) {
-            Some(Weight::Int8 {
-                input_scale: Some(inv),
-                ..
-            }) => {
-                scaled.clear();
-                for row in rows.chunks_exact(inv.len().max(1)) {
-                    scaled.extend(row.iter().zip(inv).map(|(x, s)| x * s));
-                }
-                self.logits_batch_prepared(&scaled, n_rows, &widened)
-            }
-            _ => self.logits_batch_prepared(rows, n_rows, &widened),
-        };
-        INT8_BATCH_SCRATCH.with(|c| *c.borrow_mut() = (scaled, widened));
-        Ok(logits)
+        Ok(self.logits_batch_checked(rows, n_rows))
     }
 
-    /// The batch path once int8 layers are widened (`widened[i]` non-empty for them) and
-    /// the first layer's input is standardised where the layer cannot fold it.
-    fn logits_batch_prepared(&self, rows: &[f32], n_rows: usize, widened: &[Vec<f32>]) -> Vec<f32> {
+    /// The batch path on checked rows: chunks of rows through GEMMs and int8 kernels, or
+    /// the mixed path when a layer is sparse.
+    fn logits_batch_checked(&self, rows: &[f32], n_rows: usize) -> Vec<f32> {
+        if let Some(map) = &self.input_map {
+            let gathered: Vec<f32> = rows
+                .chunks_exact(self.n_features.max(1))
+                .flat_map(|row| map.iter().map(|&f| row[f as usize]))
+                .collect();
+            return self.logits_batch_layers(&gathered, n_rows);
+        }
+        self.logits_batch_layers(rows, n_rows)
+    }
+
+    /// The batch path on rows of the first layer's inputs.
+    fn logits_batch_layers(&self, rows: &[f32], n_rows: usize) -> Vec<f32> {
         if self
             .layers
             .iter()
             .any(|l| matches!(l.weight, Weight::Sparse(_) | Weight::Both(..)))
         {
-            return self.logits_batch_mixed(rows, n_rows, widened);
+            return self.logits_batch_mixed(rows, n_rows);
         }
-        let n_features = self.n_features();
+        let n_features = self.layers.first().map_or(0, |l| l.n_in);
         let n_classes = self.n_classes();
         let mut logits = vec![0f32; n_rows * n_classes];
         let chunk = BATCH_CHUNK_ROWS.min(n_rows.max(1));
@@ -520,22 +671,26 @@ impl Engine {
         {
             let n = input_rows.len() / n_features.max(1);
             for (i, layer) in self.layers.iter().enumerate() {
-                // Only reached when every layer is dense or int8 (checked above).
-                let wt: &[f32] = match (&layer.weight, widened.get(i)) {
-                    (Weight::Dense(wt), _) => wt,
-                    (_, Some(w)) => w,
-                    _ => continue,
-                };
                 let input: &[f32] = if i == 0 {
                     input_rows
                 } else {
                     &current[..n * layer.n_in]
                 };
-                if i == last {
-                    kernels::dense_batch(input, n, layer.n_in, wt, &layer.bias, out_logits, false);
+                let out: &mut [f32] = if i == last {
+                    &mut *out_logits
                 } else {
-                    let out = &mut next[..n * layer.n_out];
-                    kernels::dense_batch(input, n, layer.n_in, wt, &layer.bias, out, true);
+                    &mut next[..n * layer.n_out]
+                };
+                // Only reached when every layer is dense or int8 (checked above).
+                match &layer.weight {
+                    Weight::Dense(wt) => {
+                        kernels::dense_batch(input, n, layer.n_in, wt, &layer.bias, out, i < last)
+                    }
+                    other => {
+                        other.run_int8(&layer.bias, input, n, out, i < last);
+                    }
+                }
+                if i < last {
                     std::mem::swap(&mut current, &mut next);
                 }
             }
@@ -546,8 +701,8 @@ impl Engine {
     /// The batch path for a model with sparse layers: chunks of [`SPARSE_LANES`] rows; the
     /// activations are kept transposed (`[feature][lane]`) through sparse layers and
     /// row-major through dense ones, transposed only where the kind changes.
-    fn logits_batch_mixed(&self, rows: &[f32], n_rows: usize, widened: &[Vec<f32>]) -> Vec<f32> {
-        let n_features = self.n_features().max(1);
+    fn logits_batch_mixed(&self, rows: &[f32], n_rows: usize) -> Vec<f32> {
+        let n_features = self.layers.first().map_or(0, |l| l.n_in).max(1);
         let n_classes = self.n_classes();
         let mut logits = vec![0f32; n_rows * n_classes];
         let width = self.max_width.max(n_features);
@@ -580,25 +735,27 @@ impl Engine {
                         );
                     }
                     Weight::Dense(_) | Weight::Int8 { .. } => {
-                        let wt: &[f32] = match (&layer.weight, widened.get(i)) {
-                            (Weight::Dense(wt), _) => wt,
-                            (_, Some(w)) => w,
-                            _ => &[],
-                        };
                         if transposed {
                             from_lanes(&current, n, layer.n_in, &mut next);
                             std::mem::swap(&mut current, &mut next);
                             transposed = false;
                         }
-                        kernels::dense_batch(
-                            &current[..n * layer.n_in],
-                            n,
-                            layer.n_in,
-                            wt,
-                            &layer.bias,
-                            &mut next[..n * layer.n_out],
-                            relu,
-                        );
+                        let (input, out) =
+                            (&current[..n * layer.n_in], &mut next[..n * layer.n_out]);
+                        match &layer.weight {
+                            Weight::Dense(wt) => kernels::dense_batch(
+                                input,
+                                n,
+                                layer.n_in,
+                                wt,
+                                &layer.bias,
+                                out,
+                                relu,
+                            ),
+                            other => {
+                                other.run_int8(&layer.bias, input, n, out, relu);
+                            }
+                        }
                     }
                 }
                 std::mem::swap(&mut current, &mut next);
@@ -673,6 +830,16 @@ fn from_lanes(lanes: &[f32], n: usize, width: usize, rows: &mut [f32]) {
         for (f, v) in rows[r * width..(r + 1) * width].iter_mut().enumerate() {
             *v = lanes[f * SPARSE_LANES + r];
         }
+    }
+}
+
+/// The kernel int8 layers run on here: `"avx512-vnni"` (`u8 × i8` dot products, 64 a
+/// instruction) or `"scalar"` (the same integers, computed portably).
+pub fn int8_kernel() -> &'static str {
+    if kernels::vnni_available() {
+        "avx512-vnni"
+    } else {
+        "scalar"
     }
 }
 

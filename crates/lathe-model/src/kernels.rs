@@ -291,96 +291,305 @@ pub(crate) fn sparse_row(
     }
 }
 
-/// `y = bias + scale ⊙ (q · x − zero ⊙ Σx)` for one row with an int8 weight `q`
-/// (`[x.len()][y.len()]`, per-output scale and zero point), then ReLU when `relu`. The
-/// weights stay one byte each; they are widened to `f32` in registers, so the kernel moves a
-/// quarter of the dense kernel's weight bytes. Zero inputs are skipped as in [`dense_row`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn int8_row(
-    q: &[i8],
-    scale: &[f32],
-    zero: &[f32],
-    bias: &[f32],
-    x: &[f32],
-    y: &mut [f32],
-    relu: bool,
-    scratch: &mut RowScratch,
-) {
-    assert_eq!(q.len(), x.len() * y.len(), "int8_row: q length");
-    assert!(scale.len() == y.len() && zero.len() == y.len() && bias.len() == y.len());
-    scratch.index.resize(x.len(), 0);
-    scratch.value.resize(x.len(), 0.0);
-    let mut active = 0;
-    let mut sum = 0f32;
-    for (i, &xi) in x.iter().enumerate() {
-        scratch.index[active] = i as u32;
-        scratch.value[active] = xi;
-        active += usize::from(xi != 0.0);
-        sum += xi;
+/// An int8 weight laid out for `u8 × i8` dot products with `i32` accumulation (AVX-512
+/// VNNI's `vpdpbusd`, or the scalar loop computing the same integers): inputs in groups of
+/// four, `q4[(g · n_out_pad + o) · 4 + k]` = the weight of input `4g + k` into output `o`,
+/// zero-padded to whole groups and to a multiple of 16 outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Int8Weight {
+    pub(crate) n_in: usize,
+    pub(crate) n_out: usize,
+    n_groups: usize,
+    n_out_pad: usize,
+    q4: Vec<i8>,
+    /// `Σᵢ q[i][o]` per output, for the activations' zero point.
+    colsum: Vec<i32>,
+}
+
+/// Outputs per vector of the int8 kernel (sixteen `i32` lanes).
+const INT8_LANES: usize = 16;
+
+impl Int8Weight {
+    /// From `q[i * n_out + o]` (`[n_in][n_out]`).
+    pub(crate) fn from_in_out(q: &[i8], n_in: usize, n_out: usize) -> Int8Weight {
+        assert_eq!(q.len(), n_in * n_out, "Int8Weight: q has the wrong length");
+        let n_groups = n_in.div_ceil(4);
+        let n_out_pad = n_out.div_ceil(INT8_LANES) * INT8_LANES;
+        let mut q4 = vec![0i8; n_groups * n_out_pad * 4];
+        let mut colsum = vec![0i32; n_out];
+        for i in 0..n_in {
+            for o in 0..n_out {
+                let v = q[i * n_out + o];
+                q4[((i / 4) * n_out_pad + o) * 4 + i % 4] = v;
+                colsum[o] += i32::from(v);
+            }
+        }
+        Int8Weight {
+            n_in,
+            n_out,
+            n_groups,
+            n_out_pad,
+            q4,
+            colsum,
+        }
     }
-    let index = &scratch.index[..active];
-    let value = &scratch.value[..active];
+
+    /// Bytes held in memory.
+    pub(crate) fn resident_bytes(&self) -> usize {
+        self.q4.len() + 4 * self.colsum.len()
+    }
+
+    /// The padded input width of one quantized row.
+    pub(crate) fn row_stride(&self) -> usize {
+        4 * self.n_groups
+    }
+}
+
+/// How one row of activations was quantized to `u8`: `x ≈ scale · (xq − zero)`, and the
+/// exact sum of the row's `f32` values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct RowQuant {
+    pub(crate) scale: f32,
+    pub(crate) zero: i32,
+    pub(crate) sum: f32,
+}
+
+/// Quantizes one row (times `input_scale` per value when given) to `u8` in `xq` (of
+/// [`Int8Weight::row_stride`] bytes; the padding is zeroed): the range is `[0, max]` for a
+/// non-negative row (ReLU outputs), else `[min, max]` with a zero point.
+pub(crate) fn quantize_row(x: &[f32], input_scale: Option<&[f32]>, xq: &mut [u8]) -> RowQuant {
+    let value = |i: usize| match input_scale {
+        Some(s) => x[i] * s[i],
+        None => x[i],
+    };
+    let (mut lo, mut hi, mut sum) = (0f32, 0f32, 0f32);
+    for i in 0..x.len() {
+        let v = value(i);
+        lo = lo.min(v);
+        hi = hi.max(v);
+        sum += v;
+    }
+    let span = hi - lo;
+    let scale = if span > 0.0 { span / 255.0 } else { 1.0 };
+    let inv = 1.0 / scale;
+    let zero = (-lo * inv).round().clamp(0.0, 255.0) as i32;
+    for (i, q) in xq.iter_mut().enumerate() {
+        *q = if i < x.len() {
+            (value(i) * inv + zero as f32).round().clamp(0.0, 255.0) as u8
+        } else {
+            0
+        };
+    }
+    RowQuant { scale, zero, sum }
+}
+
+/// `acc[r][o] = Σᵢ xq[r][i] · q[i][o]` (exact `i32`) for `rows` quantized rows of
+/// [`Int8Weight::row_stride`] bytes each; `acc` is `rows × n_out_pad`. With `active`, only
+/// those input groups are summed (the others must be all zero in every row).
+pub(crate) fn int8_dot(
+    w: &Int8Weight,
+    xq: &[u8],
+    rows: usize,
+    active: Option<&[u32]>,
+    acc: &mut Vec<i32>,
+) {
+    let stride = w.row_stride();
+    assert_eq!(xq.len(), rows * stride, "int8_dot: xq length");
+    if let Some(groups) = active {
+        assert!(
+            groups.iter().all(|&g| (g as usize) < w.n_groups),
+            "int8_dot: group out of range"
+        );
+    }
+    acc.clear();
+    acc.resize(rows * w.n_out_pad, 0);
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, checked just above.
-            unsafe { int8_row_avx512(q, index, value, y) };
-            return int8_finish(scale, zero, bias, sum, y, relu);
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            unsafe { int8_row_avx2(q, index, value, y) };
-            return int8_finish(scale, zero, bias, sum, y, relu);
+        if vnni_available() {
+            let mut r = 0;
+            while r + 4 <= rows {
+                // SAFETY: VNNI and AVX-512F/BW are available (checked); the asserts above
+                // and the slicing here give the kernel's bounds (see `int8_dot_vnni`).
+                unsafe {
+                    int8_dot_vnni::<4>(w, active, &xq[r * stride..], &mut acc[r * w.n_out_pad..])
+                };
+                r += 4;
+            }
+            while r < rows {
+                // SAFETY: as above, for one row.
+                unsafe {
+                    int8_dot_vnni::<1>(w, active, &xq[r * stride..], &mut acc[r * w.n_out_pad..])
+                };
+                r += 1;
+            }
+            return;
         }
     }
-    int8_row_portable::<false>(q, index, value, y);
-    int8_finish(scale, zero, bias, sum, y, relu);
+    int8_dot_portable(w, active, xq, rows, acc);
 }
 
-/// Applies scale, zero point, bias and ReLU to the integer-weight sums in `y`.
-fn int8_finish(scale: &[f32], zero: &[f32], bias: &[f32], sum: f32, y: &mut [f32], relu: bool) {
-    for (o, v) in y.iter_mut().enumerate() {
-        let out = bias[o] + scale[o] * (*v - zero[o] * sum);
-        *v = if relu { out.max(0.0) } else { out };
+/// Whether the VNNI kernel can run here.
+pub(crate) fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn int8_row_avx512(q: &[i8], index: &[u32], value: &[f32], y: &mut [f32]) {
-    int8_row_portable::<true>(q, index, value, y);
+/// The safe scalar kernel: the same integers as the VNNI one.
+fn int8_dot_portable(
+    w: &Int8Weight,
+    active: Option<&[u32]>,
+    xq: &[u8],
+    rows: usize,
+    acc: &mut [i32],
+) {
+    let stride = w.row_stride();
+    let all: Vec<u32> = match active {
+        Some(_) => Vec::new(),
+        None => (0..w.n_groups as u32).collect(),
+    };
+    let groups = active.unwrap_or(&all);
+    for r in 0..rows {
+        let out = &mut acc[r * w.n_out_pad..(r + 1) * w.n_out_pad];
+        for &g in groups {
+            let g = g as usize;
+            let block = &w.q4[g * w.n_out_pad * 4..(g + 1) * w.n_out_pad * 4];
+            for k in 0..4 {
+                let xv = i32::from(xq[r * stride + 4 * g + k]);
+                if xv == 0 {
+                    continue;
+                }
+                for (a, quad) in out.iter_mut().zip(block.chunks_exact(4)) {
+                    *a += xv * i32::from(quad[k]);
+                }
+            }
+        }
+    }
 }
 
+/// `ROWS` rows at once: each weight vector loaded once, multiplied into `ROWS`
+/// accumulators; outputs in chunks of up to four vectors (64 outputs). Sums every group, or
+/// the `active` ones.
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX-512BW and AVX-512 VNNI; `xq` must hold at least
+/// `ROWS × row_stride` bytes, `acc` at least `ROWS × n_out_pad` values, and every group in
+/// `active` must be below `n_groups`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn int8_row_avx2(q: &[i8], index: &[u32], value: &[f32], y: &mut [f32]) {
-    int8_row_portable::<true>(q, index, value, y);
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn int8_dot_vnni<const ROWS: usize>(
+    w: &Int8Weight,
+    active: Option<&[u32]>,
+    xq: &[u8],
+    acc: &mut [i32],
+) {
+    match active {
+        // SAFETY: the caller's contract, passed on.
+        Some(groups) => unsafe {
+            int8_dot_vnni_groups::<ROWS, _>(w, groups.iter().map(|&g| g as usize), xq, acc)
+        },
+        // SAFETY: as above; every group index is below n_groups.
+        None => unsafe { int8_dot_vnni_groups::<ROWS, _>(w, 0..w.n_groups, xq, acc) },
+    }
 }
 
-/// `y = q · x` over the listed non-zero inputs, in blocks of `BLOCK` outputs.
-#[inline(always)]
-fn int8_row_portable<const FUSED: bool>(q: &[i8], index: &[u32], value: &[f32], y: &mut [f32]) {
-    let n_out = y.len();
-    let mut start = 0;
-    while start < n_out {
-        let width = BLOCK.min(n_out - start);
-        let mut acc = [0f32; BLOCK];
-        for (&i, &xi) in index.iter().zip(value) {
-            let row = i as usize * n_out + start;
-            let w = &q[row..row + width];
-            for (a, &wv) in acc[..width].iter_mut().zip(w) {
-                let wv = f32::from(wv);
-                *a = if FUSED {
-                    wv.mul_add(xi, *a)
-                } else {
-                    *a + wv * xi
+/// [`int8_dot_vnni`] over the given groups.
+///
+/// # Safety
+/// As for [`int8_dot_vnni`]; every group `groups` yields must be below `n_groups`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn int8_dot_vnni_groups<const ROWS: usize, G: Iterator<Item = usize> + Clone>(
+    w: &Int8Weight,
+    groups: G,
+    xq: &[u8],
+    acc: &mut [i32],
+) {
+    use std::arch::x86_64::*;
+    let stride = w.row_stride();
+    debug_assert!(xq.len() >= ROWS * stride && acc.len() >= ROWS * w.n_out_pad);
+    let vectors = w.n_out_pad / INT8_LANES;
+    let mut v0 = 0;
+    while v0 < vectors {
+        let chunk = (vectors - v0).min(4);
+        let mut sums = [[_mm512_setzero_si512(); 4]; ROWS];
+        for g in groups.clone() {
+            // SAFETY: g < n_groups, so the group's n_out_pad × 4 bytes are inside q4, and
+            // v0 + chunk ≤ vectors keeps every 64-byte load inside the group.
+            let base = unsafe { w.q4.as_ptr().add((g * w.n_out_pad + v0 * INT8_LANES) * 4) };
+            let mut wv = [_mm512_setzero_si512(); 4];
+            for (b, slot) in wv.iter_mut().enumerate().take(chunk) {
+                // SAFETY: see above.
+                *slot = unsafe { _mm512_loadu_si512(base.add(b * 64).cast()) };
+            }
+            for (r, row_sums) in sums.iter_mut().enumerate() {
+                // SAFETY: r < ROWS and 4g + 4 ≤ stride, inside xq (caller's contract).
+                let x = unsafe {
+                    xq.as_ptr()
+                        .add(r * stride + 4 * g)
+                        .cast::<i32>()
+                        .read_unaligned()
+                };
+                let x = _mm512_set1_epi32(x);
+                for b in 0..chunk {
+                    row_sums[b] = _mm512_dpbusd_epi32(row_sums[b], x, wv[b]);
+                }
+            }
+        }
+        for (r, row_sums) in sums.iter().enumerate() {
+            for (b, s) in row_sums.iter().enumerate().take(chunk) {
+                // SAFETY: r < ROWS and (v0 + b + 1) × 16 ≤ n_out_pad, inside acc.
+                unsafe {
+                    _mm512_storeu_si512(
+                        acc.as_mut_ptr()
+                            .add(r * w.n_out_pad + (v0 + b) * INT8_LANES)
+                            .cast(),
+                        *s,
+                    )
                 };
             }
         }
-        y[start..start + width].copy_from_slice(&acc[..width]);
-        start += width;
+        v0 += chunk;
     }
+}
+
+/// The layer's outputs for one row from its integer sums: `y = bias + scale ⊙ (sx · (acc −
+/// zx · colsum) − zero ⊙ Σx)`, then ReLU when `relu`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn int8_finish_row(
+    w: &Int8Weight,
+    acc: &[i32],
+    quant: RowQuant,
+    scale: &[f32],
+    zero: &[f32],
+    bias: &[f32],
+    y: &mut [f32],
+    relu: bool,
+) {
+    for o in 0..w.n_out {
+        let dot = quant.scale * (acc[o] - quant.zero * w.colsum[o]) as f32;
+        let out = bias[o] + scale[o] * (dot - zero[o] * quant.sum);
+        y[o] = if relu { out.max(0.0) } else { out };
+    }
+}
+
+/// Lists the groups of four inputs with any non-zero quantized value.
+pub(crate) fn active_groups(xq: &[u8], list: &mut Vec<u32>) {
+    list.clear();
+    list.resize(xq.len() / 4, 0);
+    let mut n = 0;
+    for (g, quad) in xq.chunks_exact(4).enumerate() {
+        list[n] = g as u32;
+        n += usize::from(quad != [0, 0, 0, 0]);
+    }
+    list.truncate(n);
 }
 
 /// Rows processed side by side by the sparse batch kernel: one output's accumulators for
@@ -569,26 +778,94 @@ mod tests {
             .collect()
     }
 
+    /// A quantized layer: `q` `[n_in][n_out]`, per-output scale and zero point.
+    fn int8_case(n_in: usize, n_out: usize) -> (Vec<i8>, Vec<f32>, Vec<f32>) {
+        let q: Vec<i8> = values(n_in * n_out, 8)
+            .iter()
+            .map(|v| (v * 127.0) as i8)
+            .collect();
+        let scale: Vec<f32> = (0..n_out).map(|o| 0.01 + o as f32 * 1e-4).collect();
+        let zero: Vec<f32> = (0..n_out).map(|o| (o % 5) as f32 - 2.0).collect();
+        (q, scale, zero)
+    }
+
     #[test]
-    fn the_int8_row_kernel_matches_the_dequantized_dense_kernel() {
+    fn the_vnni_and_scalar_int8_kernels_give_the_same_integers() {
+        for (n_in, n_out) in [(64, 256), (256, 128), (128, 10), (5, 130), (3, 1)] {
+            let (q, _, _) = int8_case(n_in, n_out);
+            let w = Int8Weight::from_in_out(&q, n_in, n_out);
+            for rows in [1, 3, 4, 9] {
+                let x: Vec<f32> = values(rows * n_in, 11).iter().map(|v| v.max(0.0)).collect();
+                let mut xq = vec![0u8; rows * w.row_stride()];
+                for (row, out) in x
+                    .chunks_exact(n_in)
+                    .zip(xq.chunks_exact_mut(w.row_stride()))
+                {
+                    quantize_row(row, None, out);
+                }
+                let mut expected = vec![0i32; rows * w.n_out_pad];
+                int8_dot_portable(&w, None, &xq, rows, &mut expected);
+                // A plain triple loop over the original layout.
+                for r in 0..rows {
+                    for o in 0..n_out {
+                        let plain: i32 = (0..n_in)
+                            .map(|i| {
+                                i32::from(xq[r * w.row_stride() + i]) * i32::from(q[i * n_out + o])
+                            })
+                            .sum();
+                        assert_eq!(expected[r * w.n_out_pad + o], plain);
+                    }
+                }
+                let mut acc = Vec::new();
+                int8_dot(&w, &xq, rows, None, &mut acc);
+                assert_eq!(acc, expected, "{n_in}x{n_out}, {rows} rows");
+                if rows == 1 {
+                    let mut active = Vec::new();
+                    active_groups(&xq, &mut active);
+                    int8_dot(&w, &xq, 1, Some(&active), &mut acc);
+                    assert_eq!(acc, expected, "{n_in}x{n_out}, active groups");
+                }
+            }
+        }
+        eprintln!(
+            "int8 kernel checked against the scalar one: vnni {}",
+            vnni_available()
+        );
+    }
+
+    #[test]
+    fn the_int8_path_matches_the_dequantized_float_layer_within_activation_rounding() {
         for (n_in, n_out) in [(64, 256), (128, 10), (5, 130)] {
-            let q: Vec<i8> = values(n_in * n_out, 8)
-                .iter()
-                .map(|v| (v * 127.0) as i8)
-                .collect();
-            let scale: Vec<f32> = (0..n_out).map(|o| 0.01 + o as f32 * 1e-4).collect();
-            let zero: Vec<f32> = (0..n_out).map(|o| (o % 5) as f32 - 2.0).collect();
+            let (q, scale, zero) = int8_case(n_in, n_out);
             let wt: Vec<f32> = (0..n_in * n_out)
                 .map(|k| scale[k % n_out] * (f32::from(q[k]) - zero[k % n_out]))
                 .collect();
+            let w = Int8Weight::from_in_out(&q, n_in, n_out);
             let bias = values(n_out, 9);
+            // Signed inputs (a zero point) and an input scale, as for a first layer.
             let x = values(n_in, 10);
-            let expected = reference(&x, 1, &wt, &bias, true);
-            let mut y = vec![0.0; n_out];
-            let mut scratch = RowScratch::default();
-            int8_row(&q, &scale, &zero, &bias, &x, &mut y, true, &mut scratch);
+            let input_scale: Vec<f32> = (0..n_in).map(|i| 0.5 + (i % 3) as f32).collect();
+            let scaled: Vec<f32> = x.iter().zip(&input_scale).map(|(a, b)| a * b).collect();
+            let expected = reference(&scaled, 1, &wt, &bias, false);
+            let mut xq = vec![0u8; w.row_stride()];
+            let quant = quantize_row(&x, Some(&input_scale), &mut xq);
+            let mut acc = Vec::new();
+            int8_dot(&w, &xq, 1, None, &mut acc);
+            let mut y = vec![0f32; n_out];
+            int8_finish_row(&w, &acc, quant, &scale, &zero, &bias, &mut y, false);
+            // Each input is off by at most half a quantization step of the row's range;
+            // summed over the inputs that bounds each output's error.
             for o in 0..n_out {
-                assert!((y[o] - expected[o]).abs() <= 1e-3 * (1.0 + expected[o].abs()));
+                let bound: f32 = (0..n_in)
+                    .map(|i| (wt[i * n_out + o]).abs() * quant.scale * 0.5)
+                    .sum::<f32>()
+                    + 1e-4 * (1.0 + expected[o].abs());
+                assert!(
+                    (y[o] - expected[o]).abs() <= bound,
+                    "{n_in}x{n_out} output {o}: {} vs {}, bound {bound}",
+                    y[o],
+                    expected[o]
+                );
             }
         }
     }

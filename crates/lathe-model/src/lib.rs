@@ -12,7 +12,9 @@
 //! - [`distill`] — knowledge distillation (Hinton et al.) into a smaller student, with
 //!   teacher-labelled mixup/noise rows and the automatic choice of the student's width.
 //! - [`eval`] — accuracy, per-class precision/recall and the confusion matrix.
-//! - [`artifact`] — the versioned, checksummed artifact and its byte format.
+//! - [`artifact`] — the versioned, checksummed artifact and its byte format, and the drift
+//!   reference (per-feature quantile bins) a monitor compares traffic against.
+//! - `codec` (private) — the adaptive range coder behind the artifact's tensor storage.
 //! - [`engine`] — the hand-written forward pass the deployer serves (not through burn).
 //! - [`prune`] — saliency, unstructured and structured pruning, the gradual schedule with
 //!   masked fine-tuning, and `auto` sparsity inside an accuracy budget.
@@ -26,6 +28,7 @@
 //! predicts the class burn's forward pass predicts (checked on the digits test set).
 
 pub mod artifact;
+mod codec;
 pub mod data;
 pub mod distill;
 pub mod engine;

@@ -434,7 +434,7 @@ fn finish(
     let engine = Engine::from_artifact(&artifact).map_err(|e| PruneError::Model(e.to_string()))?;
     let test = evaluate(&engine, &splits.test);
     let validation = evaluate(&engine, &splits.validation);
-    refresh_reference(&mut artifact, &engine);
+    refresh_reference(&mut artifact, &engine, &splits.train);
 
     let layer_nonzero: Vec<usize> = artifact
         .layers
@@ -508,19 +508,17 @@ fn engine_of(input: &Artifact, layers: &[HostLayer]) -> Result<Engine, PruneErro
     Engine::from_artifact(&artifact).map_err(|e| PruneError::Model(e.to_string()))
 }
 
-/// Recomputes the reference sample's class mix with the pruned model.
-fn refresh_reference(artifact: &mut Artifact, engine: &Engine) {
-    let rows = &artifact.reference.features;
-    if rows.is_empty() {
+/// Recomputes the reference's class mix with the pruned model on the training split.
+fn refresh_reference(artifact: &mut Artifact, engine: &Engine, train: &Dataset) {
+    if artifact.reference.predicted_class_frequencies.is_empty() || train.rows() == 0 {
         return;
     }
-    let flat: Vec<f32> = rows.concat();
-    if let Ok(classes) = engine.classes_batch(&flat, rows.len()) {
+    if let Ok(classes) = engine.classes_batch(&train.features, train.rows()) {
         let mut counts = vec![0usize; engine.n_classes()];
         for c in classes {
             counts[c] += 1;
         }
-        let total = rows.len() as f64;
+        let total = train.rows() as f64;
         artifact.reference.predicted_class_frequencies =
             counts.iter().map(|&c| c as f64 / total).collect();
     }

@@ -460,21 +460,34 @@ mod tests {
             let int8 = Engine::from_artifact(&back).unwrap();
             let float = Engine::with_kernels(&back, KernelChoice::DenseOnly).unwrap();
             let original = Engine::from_artifact(&trained.artifact).unwrap();
-            assert!(int8.resident_weight_bytes() * 3 < original.resident_weight_bytes());
+            // A quarter, plus per-output scales, zero points and integer sums, and the
+            // padding of the 10 outputs to a vector of 16, which weigh on a net this small
+            // (4 000 of 11 112 bytes here; about 0.28 on the 64-256-128-10 model).
+            assert!(
+                int8.resident_weight_bytes() * 100 < original.resident_weight_bytes() * 37,
+                "{} vs {}",
+                int8.resident_weight_bytes(),
+                original.resident_weight_bytes()
+            );
             let n = splits.test.rows();
             let a = int8.logits_batch(&splits.test.features, n).unwrap();
             let b = float.logits_batch(&splits.test.features, n).unwrap();
-            for (x, y) in a.iter().zip(&b) {
-                assert!((x - y).abs() <= 1e-3 * (1.0 + x.abs()), "{x} vs {y}");
+            // The int8 engine also rounds each row's activations to 8 bits (over the row's
+            // own range), so it is close to the dequantized float model, not equal to it:
+            // within 3 % of the row's largest logit, and the same class almost always.
+            let mut same_class = 0;
+            for (x, y) in a.chunks_exact(10).zip(b.chunks_exact(10)) {
+                let size = 1.0 + y.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (p, q) in x.iter().zip(y) {
+                    assert!((p - q).abs() <= 0.03 * size, "{p} vs {q}");
+                }
+                same_class += usize::from(crate::engine::argmax(x) == crate::engine::argmax(y));
             }
+            assert!(same_class * 100 >= n * 99, "{same_class} of {n} agree");
+            // Rows and batches run the same integer arithmetic: identical answers.
             for r in 0..n {
-                let a = int8.logits(splits.test.row(r)).unwrap();
-                let b = float.logits(splits.test.row(r)).unwrap();
-                assert!(
-                    a.iter()
-                        .zip(&b)
-                        .all(|(x, y)| (x - y).abs() <= 1e-3 * (1.0 + x.abs()))
-                );
+                let row = int8.logits(splits.test.row(r)).unwrap();
+                assert_eq!(row, a[r * 10..(r + 1) * 10], "row {r}");
             }
             assert!(
                 q.test.accuracy >= q.baseline_test - 0.01,

@@ -19,17 +19,16 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use crate::artifact::{Architecture, Artifact, LayerTensors, REFERENCE_ROWS, ReferenceSample};
+use crate::artifact::{Architecture, Artifact, DriftReference, LayerTensors};
 use crate::data::{Dataset, Splits, Standardizer};
 use crate::engine::Engine;
 use crate::eval::{Evaluation, evaluate};
 use crate::mlp::{DeviceError, Mlp, MlpConfig, MlpError, try_device};
 
-/// Seed offsets, so initialisation, shuffling and the reference sample draw from
-/// independent streams of the one user seed.
+/// Seed offsets, so initialisation and shuffling draw from independent streams of the one
+/// user seed (0x1a7e_0003 drew the version-1 reference sample).
 pub(crate) const INIT_STREAM: u64 = 0x1a7e_0001;
 pub(crate) const SHUFFLE_STREAM: u64 = 0x1a7e_0002;
-const REFERENCE_STREAM: u64 = 0x1a7e_0003;
 
 /// How to train. Every field is checked by [`TrainConfig::validate`] before any work.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -391,12 +390,12 @@ pub fn train_mlp(
         feature_names: train.feature_names.clone(),
         class_labels: train.class_labels.clone(),
         lineage: Vec::new(),
-        reference: ReferenceSample::default(),
+        reference: DriftReference::default(),
         metrics: BTreeMap::new(),
     };
     let engine =
         Engine::from_artifact(&artifact).map_err(|e| TrainError::Package(e.to_string()))?;
-    artifact.reference = reference_sample(&engine, train, cfg.seed)?;
+    artifact.reference = reference_sample(&engine, train)?;
     let test = evaluate(&engine, &splits.test);
     let validation = evaluate(&engine, &splits.validation);
 
@@ -433,30 +432,23 @@ pub fn train_mlp(
     })
 }
 
-/// A seeded random sample of raw training rows and the engine's class mix on them.
+/// The drift reference: per-feature quantile bins of the whole training split and the
+/// engine's class mix on it.
 pub(crate) fn reference_sample(
     engine: &Engine,
     train: &Dataset,
-    seed: u64,
-) -> Result<ReferenceSample, TrainError> {
-    let mut rows: Vec<usize> = (0..train.rows()).collect();
-    rows.shuffle(&mut StdRng::seed_from_u64(seed ^ REFERENCE_STREAM));
-    rows.truncate(REFERENCE_ROWS);
-    let sample = ReferenceSample::from_rows(
-        rows.iter().map(|&r| train.row(r).to_vec()).collect(),
-        Vec::new(),
-    );
-    let flat: Vec<f32> = sample.features.concat();
+) -> Result<DriftReference, TrainError> {
     let classes = engine
-        .classes_batch(&flat, sample.features.len())
+        .classes_batch(&train.features, train.rows())
         .map_err(|e| TrainError::Package(e.to_string()))?;
     let mut counts = vec![0usize; engine.n_classes()];
     for class in classes {
         counts[class] += 1;
     }
-    let total = sample.features.len().max(1) as f64;
-    Ok(ReferenceSample {
-        predicted_class_frequencies: counts.iter().map(|&c| c as f64 / total).collect(),
-        ..sample
-    })
+    let total = train.rows().max(1) as f64;
+    Ok(DriftReference::from_rows(
+        &train.features,
+        train.n_features,
+        counts.iter().map(|&c| c as f64 / total).collect(),
+    ))
 }

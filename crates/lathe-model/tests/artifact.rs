@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use lathe_model::artifact::{
-    Artifact, ArtifactError, FORMAT_VERSION, LayerTensors, ReferenceSample, TensorData, digest_hex,
+    Artifact, ArtifactError, DriftReference, FORMAT_VERSION, LayerTensors, TensorData, digest_hex,
 };
 use lathe_model::data::Standardizer;
 use lathe_model::mlp::MlpConfig;
@@ -54,12 +54,10 @@ fn sample_artifact() -> Artifact {
         vec!["a".into(), "b".into(), "c".into()],
     )
     .expect("consistent artifact");
-    artifact.reference = ReferenceSample::from_rows(
-        (0..10)
-            .map(|r| values(6, 50 + r).iter().map(|v| v * 100.0).collect())
-            .collect(),
-        vec![0.5, 0.25, 0.25],
-    );
+    let rows: Vec<f32> = (0..10)
+        .flat_map(|r| values(6, 50 + r).into_iter().map(|v| v * 100.0))
+        .collect();
+    artifact.reference = DriftReference::from_rows(&rows, 6, vec![0.5, 0.25, 0.25]);
     artifact.push_lineage(
         "train",
         serde_json::json!({"epochs": 3, "lr": 0.001, "nested": {"list": [1, 2.5, "x", null]}}),
@@ -128,16 +126,23 @@ fn an_artifact_round_trips_exactly() {
 }
 
 #[test]
-fn reference_rows_are_kept_as_bfloat16() {
-    let sample = ReferenceSample::from_rows(vec![vec![1.0, 16.0, std::f32::consts::PI]], vec![1.0]);
-    assert_eq!(
-        sample.features[0][..2],
-        [1.0, 16.0],
-        "small integers are exact"
-    );
-    assert!((sample.features[0][2] - std::f32::consts::PI).abs() < 0.02);
-    let many = ReferenceSample::from_rows(vec![vec![0.0; 2]; 1000], vec![]);
-    assert_eq!(many.features.len(), lathe_model::artifact::REFERENCE_ROWS);
+fn the_drift_reference_keeps_quantile_bins_per_feature() {
+    let artifact = sample_artifact();
+    let reference = artifact.drift_reference();
+    assert_eq!(reference.rows, 10);
+    assert_eq!(reference.features.len(), 6);
+    for profile in &reference.features {
+        // Ten distinct values: up to ten edges (two may share a bfloat16), one bin more,
+        // the last one empty (edges are rounded up, so the largest value is at or below
+        // the last edge).
+        assert!((8..=10).contains(&profile.edges.len()), "{profile:?}");
+        assert_eq!(profile.proportions.len(), profile.edges.len() + 1);
+        assert_eq!(profile.proportions.last(), Some(&0.0));
+        let total: f32 = profile.proportions.iter().sum();
+        assert!((total - 1.0).abs() < 1e-4);
+    }
+    let back = Artifact::from_bytes(&artifact.to_bytes()).unwrap();
+    assert_eq!(back.drift_reference(), reference);
 }
 
 #[test]
@@ -196,10 +201,10 @@ fn damaged_artifacts_are_rejected_with_distinct_errors() {
     check_decode_error(b"{\"json\": true}", "not a lathe artifact");
 
     let mut newer = bytes.clone();
-    newer[8..10].copy_from_slice(&2u16.to_le_bytes());
+    newer[8..10].copy_from_slice(&3u16.to_le_bytes());
     check_decode_error(
         &newer,
-        "artifact format version 2 is newer than this build supports (1)",
+        "artifact format version 3 is newer than this build supports (2)",
     );
     let mut zero = bytes.clone();
     zero[8..10].copy_from_slice(&0u16.to_le_bytes());
@@ -295,10 +300,33 @@ fn inconsistent_artifacts_are_rejected_naming_the_field() {
     check_invalid(a, "feature_names is invalid: 7 names for 6 input features");
 
     let mut a = sample_artifact();
-    a.reference.features[4].pop();
+    a.reference.features[4].proportions[0] += 0.25;
+    let share = a.reference.features[4].proportions[0];
     check_invalid(
         a,
-        "reference.features[4] is invalid: 5 values for 6 input features",
+        "reference.features[4] is invalid: shares sum to 1.2500, not 1",
+    );
+    assert!(share <= 1.0, "the damaged share still fits the stored form");
+
+    // The stored form has one share more than edges by construction, so this one is
+    // caught by validation before writing and cannot be read back either.
+    let mut a = sample_artifact();
+    let edges = a.reference.features[4].edges.len();
+    a.reference.features[4].proportions.pop();
+    let message = a.validate().unwrap_err().to_string();
+    assert!(
+        message.contains(&format!(
+            "reference.features[4] is invalid: {edges} shares for {edges} edges (need one more)"
+        )),
+        "{message}"
+    );
+    assert!(Artifact::from_bytes(&a.to_bytes()).is_err());
+
+    let mut a = sample_artifact();
+    a.reference.features.pop();
+    check_invalid(
+        a,
+        "reference.features is invalid: 5 feature profiles for 6 input features",
     );
 
     let mut a = sample_artifact();

@@ -91,7 +91,11 @@ fn the_digits_teacher_reaches_97_percent_test_accuracy() {
         64 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10
     );
     let frequencies = &outcome.artifact.reference.predicted_class_frequencies;
-    assert_eq!(outcome.artifact.reference.features.len(), 200);
+    assert_eq!(outcome.artifact.reference.features.len(), 64);
+    assert_eq!(
+        outcome.artifact.drift_reference().rows,
+        splits.train.rows() as u64
+    );
     assert!((frequencies.iter().sum::<f64>() - 1.0).abs() < 1e-9);
 }
 
