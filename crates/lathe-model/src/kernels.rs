@@ -358,6 +358,28 @@ pub(crate) struct RowQuant {
 /// [`Int8Weight::row_stride`] bytes; the padding is zeroed): the range is `[0, max]` for a
 /// non-negative row (ReLU outputs), else `[min, max]` with a zero point.
 pub(crate) fn quantize_row(x: &[f32], input_scale: Option<&[f32]>, xq: &mut [u8]) -> RowQuant {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            // SAFETY: the CPU supports AVX-512F/BW, checked just above.
+            return unsafe { quantize_row_avx512(x, input_scale, xq) };
+        }
+    }
+    quantize_row_portable(x, input_scale, xq)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+fn quantize_row_avx512(x: &[f32], input_scale: Option<&[f32]>, xq: &mut [u8]) -> RowQuant {
+    quantize_row_portable(x, input_scale, xq)
+}
+
+/// [`quantize_row`] in plain Rust, inlined into the wrapper above so that its loops
+/// vectorize for the instruction set there.
+#[inline(always)]
+fn quantize_row_portable(x: &[f32], input_scale: Option<&[f32]>, xq: &mut [u8]) -> RowQuant {
     let value = |i: usize| match input_scale {
         Some(s) => x[i] * s[i],
         None => x[i],
@@ -373,13 +395,14 @@ pub(crate) fn quantize_row(x: &[f32], input_scale: Option<&[f32]>, xq: &mut [u8]
     let scale = if span > 0.0 { span / 255.0 } else { 1.0 };
     let inv = 1.0 / scale;
     let zero = (-lo * inv).round().clamp(0.0, 255.0) as i32;
-    for (i, q) in xq.iter_mut().enumerate() {
-        *q = if i < x.len() {
-            (value(i) * inv + zero as f32).round().clamp(0.0, 255.0) as u8
-        } else {
-            0
-        };
+    let offset = zero as f32 + 0.5;
+    let (head, pad) = xq.split_at_mut(x.len().min(xq.len()));
+    for (i, q) in head.iter_mut().enumerate() {
+        // Round half up by truncation of a non-negative value: a plain conversion that
+        // vectorizes, where `f32::round` is a library call on baseline x86-64.
+        *q = (value(i) * inv + offset).clamp(0.0, 255.5) as i32 as u8;
     }
+    pad.fill(0);
     RowQuant { scale, zero, sum }
 }
 
@@ -512,51 +535,76 @@ unsafe fn int8_dot_vnni_groups<const ROWS: usize, G: Iterator<Item = usize> + Cl
     xq: &[u8],
     acc: &mut [i32],
 ) {
-    use std::arch::x86_64::*;
-    let stride = w.row_stride();
-    debug_assert!(xq.len() >= ROWS * stride && acc.len() >= ROWS * w.n_out_pad);
+    debug_assert!(xq.len() >= ROWS * w.row_stride() && acc.len() >= ROWS * w.n_out_pad);
     let vectors = w.n_out_pad / INT8_LANES;
     let mut v0 = 0;
     while v0 < vectors {
-        let chunk = (vectors - v0).min(4);
-        let mut sums = [[_mm512_setzero_si512(); 4]; ROWS];
-        for g in groups.clone() {
-            // SAFETY: g < n_groups, so the group's n_out_pad × 4 bytes are inside q4, and
-            // v0 + chunk ≤ vectors keeps every 64-byte load inside the group.
-            let base = unsafe { w.q4.as_ptr().add((g * w.n_out_pad + v0 * INT8_LANES) * 4) };
-            let mut wv = [_mm512_setzero_si512(); 4];
-            for (b, slot) in wv.iter_mut().enumerate().take(chunk) {
-                // SAFETY: see above.
-                *slot = unsafe { _mm512_loadu_si512(base.add(b * 64).cast()) };
-            }
-            for (r, row_sums) in sums.iter_mut().enumerate() {
-                // SAFETY: r < ROWS and 4g + 4 ≤ stride, inside xq (caller's contract).
-                let x = unsafe {
-                    xq.as_ptr()
-                        .add(r * stride + 4 * g)
-                        .cast::<i32>()
-                        .read_unaligned()
-                };
-                let x = _mm512_set1_epi32(x);
-                for b in 0..chunk {
-                    row_sums[b] = _mm512_dpbusd_epi32(row_sums[b], x, wv[b]);
-                }
-            }
-        }
-        for (r, row_sums) in sums.iter().enumerate() {
-            for (b, s) in row_sums.iter().enumerate().take(chunk) {
-                // SAFETY: r < ROWS and (v0 + b + 1) × 16 ≤ n_out_pad, inside acc.
-                unsafe {
-                    _mm512_storeu_si512(
-                        acc.as_mut_ptr()
-                            .add(r * w.n_out_pad + (v0 + b) * INT8_LANES)
-                            .cast(),
-                        *s,
-                    )
-                };
+        // A fixed number of vectors per pass keeps every accumulator in a register.
+        let chunk = if vectors - v0 >= 4 { 4 } else { 1 };
+        // SAFETY: v0 + chunk ≤ vectors; the rest is the caller's contract, passed on.
+        unsafe {
+            if chunk == 4 {
+                int8_dot_vnni_block::<ROWS, 4, G>(w, groups.clone(), xq, acc, v0);
+            } else {
+                int8_dot_vnni_block::<ROWS, 1, G>(w, groups.clone(), xq, acc, v0);
             }
         }
         v0 += chunk;
+    }
+}
+
+/// Outputs `v0 · 16 .. (v0 + BLOCKS) · 16` of [`int8_dot_vnni_groups`].
+///
+/// # Safety
+/// As for [`int8_dot_vnni_groups`], and `(v0 + BLOCKS) · 16 ≤ n_out_pad`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn int8_dot_vnni_block<const ROWS: usize, const BLOCKS: usize, G: Iterator<Item = usize>>(
+    w: &Int8Weight,
+    groups: G,
+    xq: &[u8],
+    acc: &mut [i32],
+    v0: usize,
+) {
+    use std::arch::x86_64::*;
+    let stride = w.row_stride();
+    let mut sums = [[_mm512_setzero_si512(); BLOCKS]; ROWS];
+    for g in groups {
+        // SAFETY: g < n_groups, so the group's n_out_pad × 4 bytes are inside q4, and
+        // (v0 + BLOCKS) · 16 ≤ n_out_pad keeps every 64-byte load inside the group.
+        let base = unsafe { w.q4.as_ptr().add((g * w.n_out_pad + v0 * INT8_LANES) * 4) };
+        let mut wv = [_mm512_setzero_si512(); BLOCKS];
+        for (b, slot) in wv.iter_mut().enumerate() {
+            // SAFETY: see above.
+            *slot = unsafe { _mm512_loadu_si512(base.add(b * 64).cast()) };
+        }
+        for (r, row_sums) in sums.iter_mut().enumerate() {
+            // SAFETY: r < ROWS and 4g + 4 ≤ stride, inside xq (caller's contract).
+            let x = unsafe {
+                xq.as_ptr()
+                    .add(r * stride + 4 * g)
+                    .cast::<i32>()
+                    .read_unaligned()
+            };
+            let x = _mm512_set1_epi32(x);
+            for (s, wb) in row_sums.iter_mut().zip(&wv) {
+                *s = _mm512_dpbusd_epi32(*s, x, *wb);
+            }
+        }
+    }
+    for (r, row_sums) in sums.iter().enumerate() {
+        for (b, s) in row_sums.iter().enumerate() {
+            // SAFETY: r < ROWS and (v0 + b + 1) · 16 ≤ n_out_pad, inside acc.
+            unsafe {
+                _mm512_storeu_si512(
+                    acc.as_mut_ptr()
+                        .add(r * w.n_out_pad + (v0 + b) * INT8_LANES)
+                        .cast(),
+                    *s,
+                )
+            };
+        }
     }
 }
 
