@@ -31,6 +31,7 @@ bench:
     RAYON_NUM_THREADS=1 cargo run --release -p lathe-model --bin lathe-model-bench -- --out bench/results/model.json
     RAYON_NUM_THREADS=1 cargo run --release -p lathe-model --bin lathe-distill-bench -- --out bench/results/distill.json
     RAYON_NUM_THREADS=1 cargo run --release -p lathe-model --bin lathe-compress-bench -- --out bench/results/compress.json
+    cargo run --release -p lathe-deployer --bin lathe-serve-bench -- --out bench/results/serve.json
     python3 bench/report.py
 
 # Rewrite proto/schemas from the Rust types after a deliberate change.

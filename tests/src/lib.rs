@@ -96,6 +96,36 @@ pub async fn start_deployer(
     InProcess { stop, handle }
 }
 
+/// Waits until `n` deployer replicas answer `$SRV.PING.lathe-deployer` (their inference
+/// endpoint is up).
+pub async fn wait_for_deployers(client: &async_nats::Client, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let inbox = client.new_inbox();
+        let mut sub = client.subscribe(inbox.clone()).await.expect("subscribe");
+        client
+            .publish_with_reply("$SRV.PING.lathe-deployer", inbox, "".into())
+            .await
+            .expect("ping");
+        let mut seen = 0;
+        let wait = tokio::time::sleep(Duration::from_millis(200));
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                m = sub.next() => if m.is_some() { seen += 1 } else { break },
+                _ = &mut wait => break,
+            }
+        }
+        if seen >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{seen} of {n} deployer replicas answer"
+        );
+    }
+}
+
 /// Serving settings for tests: this replica's name, everything else default.
 pub fn serve_settings(replica: &str) -> lathe_deployer::ServeSettings {
     lathe_deployer::ServeSettings {
@@ -255,6 +285,28 @@ async fn read_pending(c: consumer::Consumer<consumer::pull::OrderedConfig>) -> V
 }
 
 /// Every dead letter stored so far.
+/// Every alert about `model` stored in the `LATHE_ALERTS` stream.
+pub async fn stored_alerts(res: &Resources, model: &str) -> Vec<lathe_proto::Alert> {
+    let stream = res
+        .js
+        .get_stream(names::ALERTS_STREAM)
+        .await
+        .expect("alerts stream");
+    let c = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::All,
+            filter_subject: format!("lathe.alerts.{model}"),
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    read_pending(c)
+        .await
+        .iter()
+        .map(|p| serde_json::from_slice(p).expect("an alert decodes"))
+        .collect()
+}
+
 pub async fn dead_letters(res: &Resources) -> Vec<lathe_proto::DeadLetter> {
     let stream = res
         .js

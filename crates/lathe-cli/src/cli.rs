@@ -62,6 +62,13 @@ pub enum Command {
     /// Ask a deployed model: INPUT is JSON (a row, a batch or a whole request), a CSV file
     /// of rows, or comma-separated numbers.
     Infer { model: String, input: String },
+    /// A live table of a model's health (from the monitor), redrawn as it changes.
+    Monitor {
+        model: String,
+        /// Print the current figures once and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Make a registered version of a model active.
     Promote { model: String, version: u32 },
     /// Withdraw a model's canary, or return to the version active before (or --to VERSION).

@@ -269,6 +269,10 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
             let res = connect(&g).await?;
             models::infer(&res.client, &model, &input, g.json).await
         }
+        Command::Monitor { model, once } => {
+            let res = connect(&g).await?;
+            models::monitor(&res, &model, once, g.json).await
+        }
         Command::Promote { model, version } => {
             let res = connect(&g).await?;
             models::promote(&res, &model, version, g.json).await

@@ -140,6 +140,12 @@ pub async fn run_services(url: String, shutdown: CancellationToken) -> anyhow::R
         readiness,
         shutdown.clone(),
     ));
+    let monitor = service::start("lathe-monitor", &nats, worker.clone()).await?;
+    tasks.spawn(lathe_monitor::run(
+        monitor,
+        lathe_monitor::MonitorSettings::from_env()?,
+        shutdown.clone(),
+    ));
     while let Some(done) = tasks.join_next().await {
         done??;
     }

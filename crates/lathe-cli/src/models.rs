@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use async_nats::HeaderMap;
+use lathe_proto::health::ModelHealth;
 use lathe_proto::registry::ModelEntry;
 use lathe_proto::{InferReply, ModelName, codec, names};
 use lathe_runtime::Resources;
@@ -87,6 +88,106 @@ pub async fn list(res: &Resources, model: Option<String>, json: bool) -> anyhow:
     } else {
         for e in &entries {
             print_entry(e);
+            if let Some(h) = health_of(res, &e.model).await? {
+                print!("{}", health_table(&h));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn health_table(h: &ModelHealth) -> String {
+    let mut out = format!(
+        "{}  window {} s  at {}\n  {:<8} {:<8} {:<8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}  DRIFTED\n",
+        h.model,
+        h.window_secs,
+        h.at_ms,
+        "VERSION",
+        "ROLE",
+        "STATUS",
+        "REQ/S",
+        "P50 MS",
+        "P95 MS",
+        "P99 MS",
+        "ERRORS",
+        "ACCURACY",
+        "MAX PSI"
+    );
+    for v in &h.versions {
+        let drifted: Vec<&str> = v.drifted.iter().map(|d| d.feature.as_str()).collect();
+        out.push_str(&format!(
+            "  v{:<7} {:<8} {:<8} {:>8.1} {:>8.3} {:>8.3} {:>8.3} {:>7.2}% {:>9} {:>8}  {}\n",
+            v.version,
+            v.role,
+            format!("{:?}", v.status).to_lowercase(),
+            v.requests_per_sec,
+            v.p50_ms,
+            v.p95_ms,
+            v.p99_ms,
+            v.error_rate * 100.0,
+            fmt_pct(v.accuracy.as_ref()),
+            v.max_feature_psi
+                .map(|p| format!("{p:.3}"))
+                .unwrap_or_else(|| "-".into()),
+            drifted.join(",")
+        ));
+    }
+    for a in h.recent_alerts.iter().rev().take(5) {
+        out.push_str(&format!(
+            "  alert {:?} v{}: {}\n",
+            a.kind, a.version, a.message
+        ));
+    }
+    out
+}
+
+/// The monitor's latest figures of a model, if any.
+async fn health_of(res: &Resources, model: &ModelName) -> anyhow::Result<Option<ModelHealth>> {
+    match res.health.get(model.as_str()).await? {
+        Some(bytes) => {
+            Ok(Some(codec::from_msgpack(&bytes).map_err(|e| {
+                anyhow::anyhow!("unreadable health of `{model}`: {e}")
+            })?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// `lathe monitor <model>`: the health table, redrawn on every update of the monitor.
+pub async fn monitor(
+    res: &Resources,
+    model: &str,
+    once: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use futures::StreamExt;
+    let m = model_name(model)?;
+    let show = |h: &ModelHealth, clear: bool| -> anyhow::Result<()> {
+        if json {
+            println!("{}", serde_json::to_string(h)?);
+        } else {
+            if clear {
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", health_table(h));
+        }
+        Ok(())
+    };
+    if once {
+        match health_of(res, &m).await? {
+            Some(h) => show(&h, false)?,
+            None => bail!(
+                "no health figures for `{m}` yet: is lathe-monitor running and the model deployed?"
+            ),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut watch = res.health.watch_with_history(m.as_str()).await?;
+    eprintln!("watching the health of `{m}` (Ctrl-C stops)");
+    while let Some(entry) = watch.next().await {
+        let entry = entry?;
+        if let Ok(h) = codec::from_msgpack::<ModelHealth>(&entry.value) {
+            show(&h, !json)?;
         }
     }
     Ok(ExitCode::SUCCESS)

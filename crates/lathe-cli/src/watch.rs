@@ -116,6 +116,7 @@ pub async fn watch(js: &jetstream::Context, job: JobId, json: bool) -> anyhow::R
                     b.abandon_with_message(format!("failed: {}", event.message));
                 }
             }
+            EventKind::Alert => eprintln!("alert: {}", event.message),
             EventKind::Completed => return Ok(Ending::Completed),
             EventKind::Failed => return Ok(Ending::Failed(event.message)),
             EventKind::Rejected => {

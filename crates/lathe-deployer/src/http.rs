@@ -125,8 +125,13 @@ async fn infer(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let mut nats_headers = async_nats::HeaderMap::new();
-    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
-        nats_headers.insert(lathe_proto::names::TRACEPARENT_HEADER, tp);
+    for name in [
+        lathe_proto::names::TRACEPARENT_HEADER,
+        lathe_proto::names::VERSION_HEADER,
+    ] {
+        if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
+            nats_headers.insert(name, v);
+        }
     }
     match s
         .serving

@@ -515,7 +515,34 @@ impl Serving {
                 }
             }
         };
-        let target = route.pick().clone();
+        // A request may pin a version (the monitor's smoke test does), else the route's
+        // weights decide.
+        let pinned = parent
+            .and_then(|h| h.get(names::VERSION_HEADER))
+            .map(|v| {
+                v.as_str().trim().parse::<u32>().map_err(|_| {
+                    InferError::bad_request(format!(
+                        "header {}: `{}` is not a version number",
+                        names::VERSION_HEADER,
+                        v.as_str()
+                    ))
+                })
+            })
+            .transpose()?;
+        let target = match pinned {
+            None => route.pick().clone(),
+            Some(want) => route
+                .targets
+                .iter()
+                .find(|(v, _)| v.version == want)
+                .map(|(v, _)| v.clone())
+                .ok_or_else(|| {
+                    let serving: Vec<u32> = route.targets.iter().map(|(v, _)| v.version).collect();
+                    InferError::unavailable(format!(
+                        "version {want} of `{name}` is not serving on this replica (serving {serving:?})"
+                    ))
+                })?,
+        };
         let engine = &target.engine;
         let result = request::parse(
             payload,

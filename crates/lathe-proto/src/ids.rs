@@ -162,7 +162,12 @@ impl Stage {
     pub fn is_available(self) -> bool {
         matches!(
             self,
-            Stage::Train | Stage::Distill | Stage::Prune | Stage::Quantize | Stage::Deploy
+            Stage::Train
+                | Stage::Distill
+                | Stage::Prune
+                | Stage::Quantize
+                | Stage::Deploy
+                | Stage::Monitor
         )
     }
 }

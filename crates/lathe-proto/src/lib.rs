@@ -9,12 +9,14 @@
 //!   inference request/reply, telemetry, feedback, alert, dead letter).
 //! - [`oip`]: the Open Inference Protocol (KServe v2) request and response shapes.
 //! - [`registry`]: the model registry entry and the rules of promotion and rollback.
+//! - [`health`]: the monitor's per-model health figures.
 //! - [`codec`]: MessagePack with named fields between services, JSON where a person publishes.
 //! - [`schema`]: the JSON Schema of every message, as written to `proto/schemas/`.
 //!
 //! **Invariant:** this crate knows no transport and no model: it is types, names and bytes.
 
 pub mod codec;
+pub mod health;
 pub mod ids;
 pub mod messages;
 pub mod names;

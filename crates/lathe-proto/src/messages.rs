@@ -174,6 +174,8 @@ pub enum EventKind {
     StageRetry,
     Completed,
     Failed,
+    /// The monitor raised an alert about the model this job deployed.
+    Alert,
 }
 
 impl EventKind {
@@ -188,6 +190,7 @@ impl EventKind {
             EventKind::StageRetry => "stage_retry",
             EventKind::Completed => "completed",
             EventKind::Failed => "failed",
+            EventKind::Alert => "alert",
         }
     }
 

@@ -23,12 +23,20 @@ pub const EVENTS_SUBJECTS: &str = "lathe.events.>";
 pub const DEAD_STREAM: &str = "LATHE_DEAD";
 pub const DEAD_SUBJECTS: &str = "lathe.dead.>";
 
+/// Alerts, kept (deduplicated by `Nats-Msg-Id`) for operators and `lathe monitor`.
+pub const ALERTS_STREAM: &str = "LATHE_ALERTS";
+pub const ALERTS_SUBJECTS: &str = "lathe.alerts.>";
+
 /// Job records, keyed by job id.
 pub const JOBS_BUCKET: &str = "lathe-jobs";
 /// The model registry, keyed by model name.
 pub const MODELS_BUCKET: &str = "lathe-models";
 /// Model artifacts, named `<job>/<step>-<stage>`.
 pub const ARTIFACTS_BUCKET: &str = "lathe-artifacts";
+/// The monitor's health figures, keyed by model name.
+pub const HEALTH_BUCKET: &str = "lathe-health";
+/// Header pinning an inference request to one serving version (the monitor's smoke test).
+pub const VERSION_HEADER: &str = "lathe-version";
 /// Uploaded datasets, named by the user.
 pub const DATASETS_BUCKET: &str = "lathe-datasets";
 

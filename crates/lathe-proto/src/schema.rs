@@ -4,6 +4,7 @@
 
 use schemars::{JsonSchema, generate::SchemaSettings};
 
+use crate::health::ModelHealth;
 use crate::messages::*;
 use crate::oip::{OipRequest, OipResponse};
 use crate::registry::ModelEntry;
@@ -32,6 +33,7 @@ pub fn all() -> Vec<(&'static str, String)> {
         ("telemetry-batch.schema.json", schema_of::<TelemetryBatch>()),
         ("feedback.schema.json", schema_of::<Feedback>()),
         ("model-entry.schema.json", schema_of::<ModelEntry>()),
+        ("model-health.schema.json", schema_of::<ModelHealth>()),
         ("oip-request.schema.json", schema_of::<OipRequest>()),
         ("oip-response.schema.json", schema_of::<OipResponse>()),
         ("alert.schema.json", schema_of::<Alert>()),

@@ -569,6 +569,23 @@ pub struct MonitorParams {
     pub smoke_rows: u32,
 }
 
+impl Default for MonitorParams {
+    /// The policy `"monitor": {}` gives.
+    fn default() -> Self {
+        MonitorParams {
+            p99_latency_ms: None,
+            max_error_rate: None,
+            min_accuracy: None,
+            drift_psi: default_drift_psi(),
+            window_secs: default_window(),
+            canary_window_secs: default_canary_window(),
+            auto_rollback: default_true(),
+            retrain_on_drift: false,
+            smoke_rows: default_smoke_rows(),
+        }
+    }
+}
+
 fn default_drift_psi() -> f64 {
     0.2
 }

@@ -27,6 +27,8 @@ pub struct Resources {
     pub artifacts: ArtifactStore,
     pub datasets: DatasetStore,
     pub registry: Registry,
+    /// Model health, written by the monitor.
+    pub health: kv::Store,
     pub worker: WorkerSettings,
 }
 
@@ -93,6 +95,17 @@ pub async fn provision(client: Client, worker: WorkerSettings) -> Result<Resourc
             description: Some("messages no service could process, kept for operators".into()),
             ..Default::default()
         },
+        stream::Config {
+            name: names::ALERTS_STREAM.into(),
+            subjects: vec![names::ALERTS_SUBJECTS.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: 30 * DAY,
+            // Every monitor replica evaluates every model; the alert's id drops the copies.
+            duplicate_window: Duration::from_secs(600),
+            description: Some("alerts raised by the monitor".into()),
+            ..Default::default()
+        },
     ];
     for cfg in streams {
         let name = cfg.name.clone();
@@ -150,6 +163,17 @@ pub async fn provision(client: Client, worker: WorkerSettings) -> Result<Resourc
         .await
         .map_err(|e| prov("bucket lathe-models")(e.to_string()))?;
 
+    let health_kv = js
+        .create_or_update_key_value(kv::Config {
+            bucket: names::HEALTH_BUCKET.into(),
+            history: 1,
+            storage: stream::StorageType::File,
+            description: "model health, written by the monitor".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| prov("bucket lathe-health")(e.to_string()))?;
+
     let artifacts = object_store_open(&js, names::ARTIFACTS_BUCKET, "model artifacts").await?;
     let datasets = object_store_open(&js, names::DATASETS_BUCKET, "uploaded datasets").await?;
 
@@ -161,6 +185,7 @@ pub async fn provision(client: Client, worker: WorkerSettings) -> Result<Resourc
         artifacts: ArtifactStore::new(artifacts),
         datasets: DatasetStore::new(datasets),
         registry: Registry::new(models_kv),
+        health: health_kv,
         worker,
     })
 }

@@ -18,6 +18,7 @@ use opentelemetry::trace::{
     Tracer, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue, global};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracerProvider};
 use tracing_subscriber::EnvFilter;
@@ -72,9 +73,10 @@ pub fn job_trace_id(job: JobId) -> TraceId {
     TraceId::from_bytes(job.trace_id_bytes())
 }
 
-/// Keeps the tracer provider alive; `shutdown` flushes the spans still buffered.
+/// Keeps the tracer (and meter) provider alive; `shutdown` flushes what is still buffered.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    meters: Option<SdkMeterProvider>,
 }
 
 impl Telemetry {
@@ -84,6 +86,11 @@ impl Telemetry {
             && let Err(e) = p.shutdown()
         {
             eprintln!("telemetry: spans not flushed on shutdown: {e}");
+        }
+        if let Some(m) = self.meters.take()
+            && let Err(e) = m.shutdown()
+        {
+            eprintln!("telemetry: metrics not flushed on shutdown: {e}");
         }
     }
 }
@@ -141,6 +148,7 @@ pub fn init_telemetry_with(service: &str, default_level: &str) -> Telemetry {
     }
     let provider = builder.build();
     global::set_text_map_propagator(TraceContextPropagator::new());
+    let meters = metrics_provider(&service_name);
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new(format!(
@@ -168,13 +176,69 @@ pub fn init_telemetry_with(service: &str, default_level: &str) -> Telemetry {
     };
     if installed.is_ok() {
         global::set_tracer_provider(provider.clone());
+        if let Some(m) = &meters {
+            global::set_meter_provider(m.clone());
+        }
         Telemetry {
             provider: Some(provider),
+            meters,
         }
     } else {
         // Another service in this process set up telemetry first; its provider serves all.
         let _ = provider.shutdown();
-        Telemetry { provider: None }
+        if let Some(m) = meters {
+            let _ = m.shutdown();
+        }
+        Telemetry {
+            provider: None,
+            meters: None,
+        }
+    }
+}
+
+/// A meter provider exporting by OTLP (every `OTEL_METRIC_EXPORT_INTERVAL`, default 60 s) when
+/// an endpoint is set, so that the monitor's figures land beside the traces; none without.
+fn metrics_provider(service_name: &str) -> Option<SdkMeterProvider> {
+    let set = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| {
+        std::env::var(v)
+            .map(|s| !s.trim().is_empty())
+            .unwrap_or(false)
+    });
+    if !set {
+        return None;
+    }
+    let protocol = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_else(|_| "grpc".into());
+    let exporter = if protocol.starts_with("http") {
+        opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .build()
+    } else {
+        opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .build()
+    };
+    match exporter {
+        Ok(e) => Some(
+            SdkMeterProvider::builder()
+                .with_periodic_exporter(e)
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name(service_name.to_string())
+                        .build(),
+                )
+                .build(),
+        ),
+        Err(e) => {
+            eprintln!(
+                "telemetry: OTLP metric exporter not started ({e}); metrics will not be exported"
+            );
+            None
+        }
     }
 }
 

@@ -1,10 +1,16 @@
-//! An OTLP/gRPC trace receiver for tests, built on `opentelemetry-proto`'s generated server:
-//! services export to it exactly as they would to a collector or Jaeger, and the test reads
-//! back every span with its service name.
+//! An OTLP/gRPC trace and metrics receiver for tests, built on `opentelemetry-proto`'s
+//! generated servers: services export to it exactly as they would to a collector or Jaeger,
+//! and the test reads back every span and metric point with its service name.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -12,6 +18,17 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+use opentelemetry_proto::tonic::metrics::v1::number_data_point;
+
+/// One data point of a gauge or sum as the receiver got it.
+#[derive(Clone, Debug)]
+pub struct ReceivedPoint {
+    pub service: String,
+    pub metric: String,
+    pub attributes: BTreeMap<String, String>,
+    pub value: f64,
+}
 
 /// A span as the receiver got it.
 #[derive(Clone, Debug)]
@@ -28,6 +45,8 @@ pub struct ReceivedSpan {
     pub end_unix_nano: u64,
     /// OTLP status code: 0 unset, 1 ok, 2 error.
     pub status_code: i32,
+    /// The `(trace id, span id)` of every linked span.
+    pub links: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl ReceivedSpan {
@@ -40,6 +59,7 @@ impl ReceivedSpan {
 #[derive(Clone, Default)]
 struct Collector {
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    points: Arc<Mutex<Vec<ReceivedPoint>>>,
 }
 
 fn text(v: Option<&Value>) -> String {
@@ -89,11 +109,68 @@ impl TraceService for Collector {
                         start_unix_nano: s.start_time_unix_nano,
                         end_unix_nano: s.end_time_unix_nano,
                         status_code: s.status.map(|st| st.code).unwrap_or(0),
+                        links: s
+                            .links
+                            .into_iter()
+                            .map(|l| (l.trace_id, l.span_id))
+                            .collect(),
                     });
                 }
             }
         }
         Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let mut out = self.points.lock().expect("collector lock");
+        for rm in request.into_inner().resource_metrics {
+            let service = rm
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                .map(|a| text(a.value.as_ref().and_then(|v| v.value.as_ref())))
+                .unwrap_or_default();
+            for sm in rm.scope_metrics {
+                for m in sm.metrics {
+                    let points = match m.data {
+                        Some(Data::Gauge(g)) => g.data_points,
+                        Some(Data::Sum(s)) => s.data_points,
+                        _ => continue,
+                    };
+                    for p in points {
+                        let value = match p.value {
+                            Some(number_data_point::Value::AsDouble(d)) => d,
+                            Some(number_data_point::Value::AsInt(i)) => i as f64,
+                            None => continue,
+                        };
+                        out.push(ReceivedPoint {
+                            service: service.clone(),
+                            metric: m.name.clone(),
+                            attributes: p
+                                .attributes
+                                .iter()
+                                .map(|a| {
+                                    (
+                                        a.key.clone(),
+                                        text(a.value.as_ref().and_then(|v| v.value.as_ref())),
+                                    )
+                                })
+                                .collect(),
+                            value,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
             partial_success: None,
         }))
     }
@@ -113,10 +190,12 @@ impl OtlpReceiver {
         let collector = Collector::default();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = TraceServiceServer::new(collector.clone());
+        let metrics = MetricsServiceServer::new(collector.clone());
         let addr = ([127, 0, 0, 1], port).into();
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(metrics)
                 .serve_with_shutdown(addr, async {
                     let _ = stopped.await;
                 })
@@ -145,6 +224,15 @@ impl OtlpReceiver {
     /// Every span received so far.
     pub fn spans(&self) -> Vec<ReceivedSpan> {
         self.collector.spans.lock().expect("collector lock").clone()
+    }
+
+    /// Every metric data point received so far.
+    pub fn points(&self) -> Vec<ReceivedPoint> {
+        self.collector
+            .points
+            .lock()
+            .expect("collector lock")
+            .clone()
     }
 }
 

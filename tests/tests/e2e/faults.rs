@@ -47,6 +47,9 @@ async fn every_job_completes_across_a_nats_server_restart() {
 async fn a_flood_of_malformed_messages_leaves_every_service_serving() {
     let s = stack().await;
     let mut trainer = spawn_service("lathe-trainer", &s.server.url(), &[]);
+    let mut deployer = spawn_service("lathe-deployer", &s.server.url(), &[]);
+    let mut monitor = spawn_service("lathe-monitor", &s.server.url(), &[]);
+    wait_for_deployers(&s.res.client, 1).await;
     let garbage: Vec<Vec<u8>> = vec![
         vec![],
         b"{".to_vec(),
@@ -59,6 +62,13 @@ async fn a_flood_of_malformed_messages_leaves_every_service_serving() {
     ];
     let mut subjects = vec![names::SUBMIT_SUBJECT.to_string()];
     subjects.extend(Stage::ALL.iter().map(|s| names::work_subject(*s)));
+    let flood_model: lathe_proto::ModelName = "flood".parse().unwrap();
+    subjects.extend([
+        names::infer_subject(&flood_model),
+        "lathe.infer.a.b".to_string(),
+        names::telemetry_subject(&flood_model),
+        names::feedback_subject(&flood_model),
+    ]);
     for _ in 0..10 {
         for subject in &subjects {
             for g in &garbage {
@@ -71,11 +81,51 @@ async fn a_flood_of_malformed_messages_leaves_every_service_serving() {
         }
     }
     s.res.client.flush().await.unwrap();
-    // A good job still goes through, and the service is still running.
-    let job = submit(&s.res, &quick_spec("after-the-flood", 2)).await;
+    // Garbage as inference requests that expect an answer: each gets an error reply.
+    for g in &garbage {
+        let reply = s
+            .res
+            .client
+            .request(names::infer_subject(&flood_model), g.clone().into())
+            .await
+            .expect("an error reply, not silence");
+        let code = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Service-Error-Code"))
+            .map(|c| c.as_str().to_string());
+        assert!(code.is_some(), "garbage {g:?} was answered as if valid");
+    }
+    // A good job still goes through the whole chain, and every service is still running.
+    let spec = br#"{"name": "after-the-flood", "dataset": {"source": "builtin:digits"},
+        "model": {"hidden": [32]}, "train": {"epochs": 5, "patience": null, "seed": 1},
+        "deploy": {"model": "flood"}, "monitor": {"smoke_rows": 5},
+        "pipeline": ["train", "deploy", "monitor"]}"#;
+    let job = submit(&s.res, spec).await;
     let r = wait_job(&s.res, job, Duration::from_secs(120)).await;
     assert_eq!(r.state, JobState::Completed, "{:?}", r.error);
+    let row: Vec<f32> = lathe_model::data::builtin("digits")
+        .unwrap()
+        .1
+        .row(0)
+        .to_vec();
+    let reply = s
+        .res
+        .client
+        .request(
+            names::infer_subject(&flood_model),
+            serde_json::json!({"inputs": row}).to_string().into(),
+        )
+        .await
+        .unwrap();
+    let reply: lathe_proto::InferReply = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(reply.version, 1);
     assert!(trainer.try_wait().unwrap().is_none(), "the trainer exited");
+    assert!(
+        deployer.try_wait().unwrap().is_none(),
+        "the deployer exited"
+    );
+    assert!(monitor.try_wait().unwrap().is_none(), "the monitor exited");
     // The garbage on the train subject was dead-lettered, not lost or retried forever.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -93,8 +143,10 @@ async fn a_flood_of_malformed_messages_leaves_every_service_serving() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    trainer.kill().unwrap();
-    trainer.wait().unwrap();
+    for mut child in [trainer, deployer, monitor] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@ mod faults;
 mod health;
 mod import;
 mod intake;
+mod monitor;
 mod prune;
 mod quantize;
 mod trace;

@@ -281,3 +281,184 @@ async fn sigterm_finishes_the_task_in_flight_and_exits_cleanly() {
     assert_eq!(r.steps[0].attempts, 1);
     assert_eq!(r.steps[0].worker.as_deref(), Some("graceful"));
 }
+
+/// The whole chain, every stage its own process, exporting to one OTLP receiver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_services_one_trace_with_the_first_inferences() {
+    let s = stack().await;
+    let receiver = OtlpReceiver::start().await;
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
+        ("LATHE_MONITOR_TICK_MS", "200"),
+    ];
+    let services = [
+        "lathe-trainer",
+        "lathe-distiller",
+        "lathe-pruner",
+        "lathe-quantizer",
+        "lathe-deployer",
+        "lathe-monitor",
+    ];
+    let children: Vec<_> = services
+        .iter()
+        .map(|b| spawn_service(b, &s.server.url(), &env))
+        .collect();
+    let spec =
+        br#"{"name": "six", "dataset": {"source": "builtin:digits"}, "model": {"hidden": [32]},
+        "train": {"epochs": 8, "patience": null, "seed": 1},
+        "distill": {"student_hidden": [16], "epochs": 20},
+        "prune": {"method": "magnitude", "target_sparsity": 0.5, "steps": 1, "finetune_epochs": 1},
+        "quantize": {"bits": 8},
+        "deploy": {"model": "six"},
+        "monitor": {"smoke_rows": 5, "window_secs": 5},
+        "budget": {"max_accuracy_drop": 0.1},
+        "pipeline": ["train", "distill", "prune", "quantize", "deploy", "monitor"]}"#;
+    let job = submit(&s.res, spec).await;
+    let record = wait_job(&s.res, job, Duration::from_secs(180)).await;
+    assert_eq!(record.state, JobState::Completed, "{:?}", record.error);
+
+    // A caller's request with its own trace context: the deployer's span continues it.
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(
+        "traceparent",
+        format!("00-{caller_trace}-{caller_span}-01").as_str(),
+    );
+    let row: Vec<f32> = lathe_model::data::builtin("digits")
+        .unwrap()
+        .1
+        .row(0)
+        .to_vec();
+    let reply = s
+        .res
+        .client
+        .request_with_headers(
+            "lathe.infer.six",
+            h,
+            serde_json::json!({"inputs": row}).to_string().into(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Service-Error"))
+            .is_none()
+    );
+    // Let the monitor judge the model (and export its gauges) once more.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for c in &children {
+        sigterm(c);
+    }
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+
+    let all = receiver.spans();
+    let trace_id = job.trace_id_bytes().to_vec();
+    let spans: Vec<_> = all
+        .iter()
+        .filter(|sp| sp.trace_id == trace_id)
+        .cloned()
+        .collect();
+    let root_id = lathe_runtime::trace::root_span_id(job).to_bytes().to_vec();
+    let roots: Vec<_> = spans
+        .iter()
+        .filter(|sp| sp.parent_span_id.is_empty())
+        .collect();
+    assert_eq!(roots.len(), 1, "one root");
+    assert_eq!(roots[0].span_id, root_id);
+    for sp in &spans {
+        let mut cur = sp;
+        let mut hops = 0;
+        while !cur.parent_span_id.is_empty() {
+            cur = spans
+                .iter()
+                .find(|p| p.span_id == cur.parent_span_id)
+                .unwrap_or_else(|| panic!("{} ({}): parent missing", sp.name, sp.service));
+            hops += 1;
+            assert!(hops < 30);
+        }
+        assert_eq!(cur.span_id, root_id, "{} is not under the root", sp.name);
+    }
+    let mut seen: Vec<&str> = spans.iter().map(|sp| sp.service.as_str()).collect();
+    seen.sort();
+    seen.dedup();
+    for svc in services {
+        assert!(seen.contains(&svc), "no span from {svc}: {seen:?}");
+    }
+    for (i, step) in record.steps.iter().enumerate() {
+        let stage = step.stage.as_str();
+        let subject = format!("lathe.work.{stage}");
+        let process = spans
+            .iter()
+            .find(|sp| sp.name == format!("process {subject}"))
+            .unwrap_or_else(|| panic!("no process span for {stage}"));
+        assert_eq!(process.service, step.stage.service_name());
+        assert_eq!(process.attributes["lathe.stage"], stage);
+        let publish = spans
+            .iter()
+            .find(|sp| sp.span_id == process.parent_span_id)
+            .unwrap();
+        assert_eq!(publish.name, format!("publish {subject}"), "{stage}");
+        assert_eq!((publish.kind, process.kind), (4, 5));
+        if i > 0 {
+            // The publish of step i was made by the service of step i − 1.
+            assert_eq!(publish.service, record.steps[i - 1].stage.service_name());
+        }
+        for key in ["test_accuracy", "artifact_bytes"] {
+            if let Some(v) = step.metrics.get(key) {
+                assert_eq!(
+                    process.number(&format!("lathe.{key}")),
+                    Some(*v),
+                    "{stage} {key}"
+                );
+            }
+        }
+    }
+    // The smoke test's inferences are in the job's trace, under the monitor's smoke span,
+    // and link to the deploying job.
+    let smoke = spans
+        .iter()
+        .find(|sp| sp.name == "smoke test")
+        .expect("smoke span");
+    let infers: Vec<_> = spans
+        .iter()
+        .filter(|sp| sp.service == "lathe-deployer" && sp.name == "process lathe.infer.six")
+        .collect();
+    assert_eq!(infers.len(), 5, "{infers:?}");
+    for sp in &infers {
+        assert_eq!(sp.parent_span_id, smoke.span_id);
+        assert_eq!(sp.kind, 2, "a server span");
+        assert!(
+            sp.links
+                .iter()
+                .any(|(t, s)| *t == trace_id && *s == root_id),
+            "{:?}",
+            sp.links
+        );
+    }
+    // The caller's request continued the caller's trace.
+    let caller: Vec<_> = all
+        .iter()
+        .filter(|sp| sp.name == "process lathe.infer.six" && hex(&sp.trace_id) == caller_trace)
+        .collect();
+    assert_eq!(caller.len(), 1, "the caller's inference span");
+    assert_eq!(hex(&caller[0].parent_span_id), caller_span);
+    // The monitor's figures arrived as OTLP metrics.
+    let points = receiver.points();
+    assert!(
+        points.iter().any(|p| p.service == "lathe-monitor"
+            && p.metric == "lathe.model.requests_per_second"
+            && p.attributes.get("lathe.model").map(String::as_str) == Some("six")),
+        "{points:?}"
+    );
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
