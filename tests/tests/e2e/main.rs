@@ -7,6 +7,7 @@ mod import;
 mod intake;
 mod prune;
 mod quantize;
+mod security;
 mod trace;
 mod trainer;
 mod worker;
