@@ -34,6 +34,11 @@ bench:
     cargo run --release -p lathe-deployer --bin lathe-serve-bench -- --out bench/results/serve.json
     python3 bench/report.py
 
+# Render every Kubernetes overlay and validate it: core objects against the Kubernetes schemas
+# (kubernetes-validate --strict), KEDA ScaledObjects against the CRD's required fields.
+k8s-validate:
+    python3 deploy/k8s/validate.py
+
 # Rewrite proto/schemas from the Rust types after a deliberate change.
 schemas:
     UPDATE_SCHEMAS=1 cargo test -p lathe-proto --test contract

@@ -20,6 +20,7 @@ pub fn test_worker(id: &str) -> WorkerSettings {
         ack_wait: Duration::from_secs(3),
         max_deliver: 5,
         id: id.to_string(),
+        intake: true,
     }
 }
 

@@ -22,21 +22,29 @@ pub async fn start(
     provision(client, worker).await
 }
 
-/// Runs intake and a stage's worker on provisioned resources until `shutdown` is cancelled;
-/// in-flight tasks are finished before it returns.
+/// Runs intake (unless `LATHE_INTAKE` turned it off) and a stage's worker on provisioned
+/// resources until `shutdown` is cancelled; in-flight tasks are finished before it returns.
 pub async fn serve<H: StageHandler>(
     res: Resources,
     service: &'static str,
     handler: H,
     shutdown: CancellationToken,
 ) -> Result<(), RuntimeError> {
-    let intake = tokio::spawn(intake::run_intake(res.clone(), service, shutdown.clone()));
+    let intake = res
+        .worker
+        .intake
+        .then(|| tokio::spawn(intake::run_intake(res.clone(), service, shutdown.clone())));
+    if intake.is_none() {
+        tracing::info!("Intake off (LATHE_INTAKE): another service accepts submitted jobs");
+    }
     let worked = run_worker(res, handler, shutdown.clone()).await;
     shutdown.cancel();
-    match intake.await {
-        Ok(Err(e)) => tracing::warn!(error = %e, "Intake stopped with an error"),
-        Err(e) => tracing::warn!(error = %e, "Intake task failed"),
-        Ok(Ok(())) => {}
+    if let Some(intake) = intake {
+        match intake.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "Intake stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "Intake task failed"),
+            Ok(Ok(())) => {}
+        }
     }
     worked
 }

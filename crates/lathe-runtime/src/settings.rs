@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_nats::{Client, ConnectOptions};
+use std::sync::{Arc, Mutex};
+
+use async_nats::{Client, ClientError, ConnectOptions, Event, ServerError};
 
 use crate::error::RuntimeError;
 
@@ -30,6 +32,10 @@ pub struct NatsSettings {
     pub tls_key: Option<PathBuf>,
     /// `NATS_TLS_REQUIRED=1`: refuse a plain connection.
     pub tls_required: bool,
+    /// `NATS_INBOX_PREFIX`: the prefix of this connection's reply subjects (default
+    /// `_INBOX`). With a prefix of its own per user, the server's permissions can keep other
+    /// users from subscribing to a service's replies (artifact chunks, job records).
+    pub inbox_prefix: Option<String>,
 }
 
 impl std::fmt::Debug for NatsSettings {
@@ -44,6 +50,7 @@ impl std::fmt::Debug for NatsSettings {
             .field("tls_ca", &self.tls_ca)
             .field("tls_cert", &self.tls_cert)
             .field("tls_required", &self.tls_required)
+            .field("inbox_prefix", &self.inbox_prefix)
             .finish()
     }
 }
@@ -51,6 +58,9 @@ impl std::fmt::Debug for NatsSettings {
 fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
+
+/// How async-nats names a refused login in its connection events.
+const AUTHORIZATION_VIOLATION: &str = "authorization violation";
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 
@@ -79,10 +89,25 @@ impl NatsSettings {
             tls_ca: var("NATS_TLS_CA").map(PathBuf::from),
             tls_cert: var("NATS_TLS_CERT").map(PathBuf::from),
             tls_key: var("NATS_TLS_KEY").map(PathBuf::from),
-            tls_required: matches!(
-                var("NATS_TLS_REQUIRED").as_deref(),
-                Some("1" | "true" | "yes")
-            ),
+            tls_required: match var("NATS_TLS_REQUIRED") {
+                None => false,
+                Some(v) => parse_switch(&v).ok_or(RuntimeError::Setting {
+                    name: "NATS_TLS_REQUIRED",
+                    reason: format!("`{v}` is not one of 1/true/on/yes or 0/false/off/no"),
+                })?,
+            },
+            inbox_prefix: match var("NATS_INBOX_PREFIX") {
+                None => None,
+                Some(p) if valid_subject_prefix(&p) => Some(p),
+                Some(p) => {
+                    return Err(RuntimeError::Setting {
+                        name: "NATS_INBOX_PREFIX",
+                        reason: format!(
+                            "`{p}` is not a subject prefix (dot-separated tokens, no wildcards or spaces)"
+                        ),
+                    });
+                }
+            },
         })
     }
 
@@ -91,6 +116,19 @@ impl NatsSettings {
         NatsSettings {
             url: url.into(),
             ..Default::default()
+        }
+    }
+
+    /// The setting that holds the credentials this connection presents, for error messages.
+    fn credential_setting(&self) -> &'static str {
+        if self.creds_file.is_some() {
+            "NATS_CREDS"
+        } else if self.nkey_seed.is_some() {
+            "NATS_NKEY_SEED"
+        } else if self.token.is_some() {
+            "NATS_TOKEN"
+        } else {
+            "NATS_USER"
         }
     }
 
@@ -146,6 +184,9 @@ impl NatsSettings {
         if self.tls_required {
             opts = opts.require_tls(true);
         }
+        if let Some(prefix) = &self.inbox_prefix {
+            opts = opts.custom_inbox_prefix(prefix);
+        }
         Ok(opts)
     }
 }
@@ -157,7 +198,28 @@ pub async fn connect(
     name: &str,
     timeout: Duration,
 ) -> Result<Client, RuntimeError> {
-    let opts = settings.options(name).await?;
+    // With `retry_on_initial_connect` the first connection's failures arrive as events; keep
+    // the last one, so that a refused login or a TLS failure is reported as such, not as
+    // silence.
+    let last_error: Arc<Mutex<Option<String>>> = Arc::default();
+    let seen = last_error.clone();
+    let opts = settings.options(name).await?.event_callback(move |event| {
+        let seen = seen.clone();
+        async move {
+            let error = match event {
+                Event::ClientError(ClientError::Other(e)) => Some(e),
+                Event::ServerError(ServerError::AuthorizationViolation) => {
+                    Some(AUTHORIZATION_VIOLATION.to_string())
+                }
+                _ => None,
+            };
+            if let Some(e) = error
+                && let Ok(mut last) = seen.lock()
+            {
+                *last = Some(e);
+            }
+        }
+    });
     let urls: Vec<String> = settings
         .url
         .split(',')
@@ -186,10 +248,28 @@ pub async fn connect(
     // caller's first request does not race the handshake.
     let deadline = tokio::time::Instant::now() + timeout;
     while client.connection_state() != async_nats::connection::State::Connected {
+        let last = last_error.lock().ok().and_then(|l| l.clone());
+        if last.as_deref() == Some(AUTHORIZATION_VIOLATION) {
+            return Err(RuntimeError::Setting {
+                name: settings.credential_setting(),
+                reason: format!(
+                    "the server at {} refused the login (authorization violation): check the \
+                     credentials (NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_NKEY_SEED or \
+                     NATS_CREDS)",
+                    settings.url
+                ),
+            });
+        }
         if tokio::time::Instant::now() > deadline {
             return Err(RuntimeError::Connect {
                 url: settings.url.clone(),
-                reason: format!("no answer within {} s", timeout.as_secs()),
+                reason: match last {
+                    Some(e) => format!(
+                        "not connected within {} s; last error: {e}",
+                        timeout.as_secs()
+                    ),
+                    None => format!("no answer within {} s", timeout.as_secs()),
+                },
             });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -210,6 +290,10 @@ pub struct WorkerSettings {
     pub max_deliver: i64,
     /// `LATHE_WORKER_ID`: this replica's name in job records (default host:pid).
     pub id: String,
+    /// `LATHE_INTAKE`: whether this process also runs intake (consumes `lathe.jobs.submit`
+    /// and publishes each job's first task). Default on; `0`/`false`/`off`/`no` turn it off,
+    /// e.g. in the prod overlay, where only the trainer may publish to every stage.
+    pub intake: bool,
 }
 
 impl Default for WorkerSettings {
@@ -219,6 +303,7 @@ impl Default for WorkerSettings {
             ack_wait: Duration::from_secs(30),
             max_deliver: 5,
             id: crate::worker_id(),
+            intake: true,
         }
     }
 }
@@ -260,6 +345,26 @@ impl WorkerSettings {
         if let Some(v) = var("LATHE_WORKER_ID") {
             s.id = v;
         }
+        if let Some(v) = var("LATHE_INTAKE") {
+            s.intake = parse_switch(&v).ok_or(RuntimeError::Setting {
+                name: "LATHE_INTAKE",
+                reason: format!("`{v}` is not one of 1/true/on/yes or 0/false/off/no"),
+            })?;
+        }
         Ok(s)
+    }
+}
+
+fn valid_subject_prefix(p: &str) -> bool {
+    p.split('.')
+        .all(|t| !t.is_empty() && !t.contains(['*', '>']) && !t.chars().any(char::is_whitespace))
+}
+
+/// An on/off setting: `1`/`true`/`on`/`yes` or `0`/`false`/`off`/`no`, any case.
+pub fn parse_switch(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "on" | "yes" => Some(true),
+        "0" | "false" | "off" | "no" => Some(false),
+        _ => None,
     }
 }

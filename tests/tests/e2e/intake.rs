@@ -101,3 +101,48 @@ async fn a_submission_without_a_job_id_header_gets_one() {
     }
     trainer.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_with_intake_off_leaves_submissions_to_one_with_it_on() {
+    let s = stack().await;
+    let url = s.server.url();
+    // A bad LATHE_INTAKE stops the service at start, naming the variable.
+    let out = std::process::Command::new(bin_dir().join("lathe-trainer"))
+        .env("NATS_URL", &url)
+        .env("LATHE_INTAKE", "maybe")
+        .output()
+        .expect("run lathe-trainer (build the binaries first: `cargo build --workspace --bins`)");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("invalid setting LATHE_INTAKE"), "{stderr}");
+
+    let mut worker = test_worker("no-intake");
+    worker.intake = false;
+    let res = lathe_runtime::service::start(
+        "lathe-trainer",
+        &lathe_runtime::NatsSettings::with_url(&url),
+        worker,
+    )
+    .await
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let s2 = stop.clone();
+    let handle = tokio::spawn(async move {
+        lathe_runtime::service::serve(res, "lathe-trainer", lathe_trainer::Trainer, s2)
+            .await
+            .expect("serves");
+    });
+    let no_intake = InProcess { stop, handle };
+    let job = submit(&s.res, &quick_spec("waits", 1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        s.res.jobs.get(job).await.unwrap().is_none(),
+        "a service with LATHE_INTAKE off accepted a job"
+    );
+    // A service running intake takes it; the first one trains it or this one does.
+    let with_intake = start_trainer(&url, "with-intake").await;
+    let record = wait_job(&s.res, job, Duration::from_secs(60)).await;
+    assert_eq!(record.state, JobState::Completed, "{:?}", record.error);
+    no_intake.stop().await;
+    with_intake.stop().await;
+}

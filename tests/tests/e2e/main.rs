@@ -9,6 +9,7 @@ mod intake;
 mod monitor;
 mod prune;
 mod quantize;
+mod security;
 mod trace;
 mod trainer;
 mod worker;
