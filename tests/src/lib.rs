@@ -97,15 +97,15 @@ pub async fn start_deployer(
     InProcess { stop, handle }
 }
 
-/// Waits until `n` deployer replicas answer `$SRV.PING.lathe-deployer` (their inference
-/// endpoint is up).
+/// Waits until `n` deployer replicas answer `$SRV.INFO.lathe-deployer` listing their
+/// inference endpoint (the service answers discovery a moment before the endpoint is up).
 pub async fn wait_for_deployers(client: &async_nats::Client, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let inbox = client.new_inbox();
         let mut sub = client.subscribe(inbox.clone()).await.expect("subscribe");
         client
-            .publish_with_reply("$SRV.PING.lathe-deployer", inbox, "".into())
+            .publish_with_reply("$SRV.INFO.lathe-deployer", inbox, "".into())
             .await
             .expect("ping");
         let mut seen = 0;
@@ -113,7 +113,16 @@ pub async fn wait_for_deployers(client: &async_nats::Client, n: usize) {
         tokio::pin!(wait);
         loop {
             tokio::select! {
-                m = sub.next() => if m.is_some() { seen += 1 } else { break },
+                m = sub.next() => match m {
+                    Some(m) => {
+                        let info: serde_json::Value =
+                            serde_json::from_slice(&m.payload).unwrap_or_default();
+                        if info["endpoints"].as_array().is_some_and(|e| !e.is_empty()) {
+                            seen += 1;
+                        }
+                    }
+                    None => break,
+                },
                 _ = &mut wait => break,
             }
         }

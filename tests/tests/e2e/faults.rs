@@ -1,5 +1,6 @@
-//! Faults against real processes and a real server: nats-server restarted mid-batch, and a
-//! flood of malformed messages on every subject lathe listens to.
+//! Faults against real processes and a real server: nats-server restarted mid-batch, a flood
+//! of malformed messages on every subject lathe listens to, a corrupted artifact, and stage
+//! processes killed with SIGKILL at random while 20 jobs run.
 
 use std::time::Duration;
 
@@ -194,4 +195,98 @@ async fn a_corrupted_artifact_fails_its_job_naming_the_artifact() {
     assert!(error.contains("digest mismatch"), "{error}");
     assert_eq!(r.steps[1].attempts, 1, "a corrupt artifact is not retried");
     pruner.stop().await;
+}
+
+/// Kill -9 a random stage process again and again while 20 jobs run through train → deploy
+/// into one model: every job completes exactly once and each has exactly one version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_kills_while_twenty_jobs_run_lose_nothing_and_deploy_nothing_twice() {
+    let s = stack().await;
+    let url = s.server.url();
+    let bins = [
+        "lathe-trainer",
+        "lathe-trainer",
+        "lathe-deployer",
+        "lathe-deployer",
+    ];
+    let mut procs: Vec<std::process::Child> =
+        bins.iter().map(|b| spawn_service(b, &url, &[])).collect();
+    wait_for_deployers(&s.res.client, 2).await;
+    let mut jobs = Vec::new();
+    for i in 0..20 {
+        let spec = format!(
+            r#"{{"name": "chaos-{i}", "dataset": {{"source": "builtin:digits"}},
+                "model": {{"hidden": [32]}}, "train": {{"epochs": 60, "patience": null, "seed": {i}}},
+                "deploy": {{"model": "chaos"}}, "pipeline": ["train", "deploy"]}}"#
+        );
+        jobs.push(submit(&s.res, spec.as_bytes()).await);
+    }
+    // A small deterministic generator is enough to pick victims.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut kills = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let mut open = 0;
+        for job in &jobs {
+            // A job not yet through intake has no record: it is open too.
+            let ended = s
+                .res
+                .jobs
+                .get(*job)
+                .await
+                .unwrap()
+                .is_some_and(|(r, _)| r.state.is_terminal());
+            open += usize::from(!ended);
+        }
+        if open == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{open} jobs still open"
+        );
+        let victim = (next() % procs.len() as u64) as usize;
+        procs[victim].kill().unwrap(); // SIGKILL
+        procs[victim].wait().unwrap();
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        procs[victim] = spawn_service(bins[victim], &url, &[]);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    eprintln!("{kills} processes killed with SIGKILL while the 20 jobs ran");
+    assert!(
+        kills >= 3,
+        "only {kills} kills: the jobs ended before the chaos began"
+    );
+    let model: lathe_proto::ModelName = "chaos".parse().unwrap();
+    let (entry, _) = s.res.registry.get(&model).await.unwrap().unwrap();
+    for job in &jobs {
+        let (r, _) = s.res.jobs.get(*job).await.unwrap().unwrap();
+        assert_eq!(r.state, JobState::Completed, "{job}: {:?}", r.error);
+        let completed = events_of(&s.res, *job)
+            .await
+            .iter()
+            .filter(|e| e.kind == lathe_proto::EventKind::Completed)
+            .count();
+        assert_eq!(completed, 1, "{job} completed {completed} times");
+        let versions: Vec<u32> = entry
+            .versions
+            .iter()
+            .filter(|v| v.job_id == *job)
+            .map(|v| v.version)
+            .collect();
+        assert_eq!(versions.len(), 1, "{job} deployed {versions:?}");
+        assert_eq!(r.steps[1].metrics["version"], f64::from(versions[0]));
+    }
+    assert_eq!(entry.versions.len(), 20);
+    for mut p in procs {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
 }

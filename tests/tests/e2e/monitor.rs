@@ -146,7 +146,7 @@ async fn a_job_completes_only_after_its_smoke_test_and_steady_traffic_raises_not
             "[32]",
             15,
             "",
-            r#", "window_secs": 5, "p99_latency_ms": 50, "max_error_rate": 0.01"#,
+            r#", "window_secs": 5, "p99_latency_ms": 200, "max_error_rate": 0.01"#,
         ),
     )
     .await;
@@ -311,12 +311,12 @@ async fn a_slow_canary_is_rolled_back_and_a_healthy_one_promoted() {
     let trainer = start_trainer(&url, "t1").await;
     // Version 2 answers slowly on this replica (the test-only delay knob).
     let slow = lathe_deployer::ServeSettings {
-        test_delay: Some((2, Duration::from_millis(30))),
+        test_delay: Some((2, Duration::from_millis(60))),
         ..serve_settings("d1")
     };
     let deployer = start_deployer(&url, "d1", slow).await;
     let monitor = start_monitor(&url, "m1").await;
-    let policy = r#", "window_secs": 5, "p99_latency_ms": 10, "canary_window_secs": 3"#;
+    let policy = r#", "window_secs": 5, "p99_latency_ms": 25, "canary_window_secs": 3"#;
     let v1 = wait_job(
         &s.res,
         submit(&s.res, &spec("c1", "digits-k", "[32]", 10, "", policy)).await,
