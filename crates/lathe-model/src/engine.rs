@@ -13,6 +13,15 @@
 //! non-zero input's weights, batches run [`kernels::SPARSE_LANES`] rows side by side over
 //! transposed activations. Layers of one model may mix both; the batch path transposes the
 //! activations between a sparse and a dense layer.
+//!
+//! An int8 layer (one scale per output or per tensor) keeps its weights as `i8` and runs
+//! `u8 × i8` dot products with `i32` sums (AVX-512 VNNI, or a scalar loop giving the same
+//! integers); each row's activations are rounded to `u8` over that row's own range. Rows
+//! and batches run the same arithmetic, so they give identical answers; against the
+//! dequantized float model the difference is the activation rounding (the tests bound it
+//! and check that the classes agree on at least 99.5 % of the digits test rows). The
+//! per-row quantization and the finishing step are vectorized: before they were, they
+//! took about 80 % of an int8 batch and made it 2–3× slower than the float GEMM.
 
 use std::cell::RefCell;
 

@@ -380,27 +380,66 @@ fn quantize_row_avx512(x: &[f32], input_scale: Option<&[f32]>, xq: &mut [u8]) ->
 /// vectorize for the instruction set there.
 #[inline(always)]
 fn quantize_row_portable(x: &[f32], input_scale: Option<&[f32]>, xq: &mut [u8]) -> RowQuant {
-    let value = |i: usize| match input_scale {
-        Some(s) => x[i] * s[i],
-        None => x[i],
-    };
-    let (mut lo, mut hi, mut sum) = (0f32, 0f32, 0f32);
-    for i in 0..x.len() {
-        let v = value(i);
-        lo = lo.min(v);
-        hi = hi.max(v);
-        sum += v;
+    match input_scale {
+        Some(s) => quantize_row_lanes::<true>(x, s, xq),
+        None => quantize_row_lanes::<false>(x, x, xq),
     }
+}
+
+/// `1.5 · 2²³`: adding it to an `f32` in `[0, 2²²)` rounds it to an integer held in the
+/// low mantissa bits.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// Lanes of the range and sum reductions in [`quantize_row_lanes`].
+const QUANT_LANES: usize = 16;
+
+/// [`quantize_row`] with the input scale applied when `SCALED` (else `s` is ignored).
+/// The range and the sum are reduced over [`QUANT_LANES`] independent lanes with plain
+/// comparisons, so they compile to vector min/max/add: a single running `f32::min`,
+/// `f32::max` and sum is a chain of dependent scalar instructions (with NaN handling)
+/// that took about 70 % of an int8 batch before. The inputs are finite (the engine checks
+/// requests), so the comparisons need no NaN handling; the sum's order differs from a
+/// sequential one only by `f32` rounding.
+#[inline(always)]
+fn quantize_row_lanes<const SCALED: bool>(x: &[f32], s: &[f32], xq: &mut [u8]) -> RowQuant {
+    let n = x.len();
+    let s = if SCALED { &s[..n] } else { x };
+    let value = |xv: f32, sv: f32| if SCALED { xv * sv } else { xv };
+    let mut lo = [0f32; QUANT_LANES];
+    let mut hi = [0f32; QUANT_LANES];
+    let mut sum = [0f32; QUANT_LANES];
+    let mut xc = x.chunks_exact(QUANT_LANES);
+    let mut sc = s.chunks_exact(QUANT_LANES);
+    for (xs, ss) in (&mut xc).zip(&mut sc) {
+        for k in 0..QUANT_LANES {
+            let v = value(xs[k], ss[k]);
+            lo[k] = if v < lo[k] { v } else { lo[k] };
+            hi[k] = if v > hi[k] { v } else { hi[k] };
+            sum[k] += v;
+        }
+    }
+    for (k, (&xv, &sv)) in xc.remainder().iter().zip(sc.remainder()).enumerate() {
+        let v = value(xv, sv);
+        lo[k] = if v < lo[k] { v } else { lo[k] };
+        hi[k] = if v > hi[k] { v } else { hi[k] };
+        sum[k] += v;
+    }
+    let lo = lo.iter().fold(0f32, |m, &v| if v < m { v } else { m });
+    let hi = hi.iter().fold(0f32, |m, &v| if v > m { v } else { m });
+    let sum: f32 = sum.iter().sum();
     let span = hi - lo;
     let scale = if span > 0.0 { span / 255.0 } else { 1.0 };
     let inv = 1.0 / scale;
     let zero = (-lo * inv).round().clamp(0.0, 255.0) as i32;
-    let offset = zero as f32 + 0.5;
-    let (head, pad) = xq.split_at_mut(x.len().min(xq.len()));
-    for (i, q) in head.iter_mut().enumerate() {
-        // Round half up by truncation of a non-negative value: a plain conversion that
-        // vectorizes, where `f32::round` is a library call on baseline x86-64.
-        *q = (value(i) * inv + offset).clamp(0.0, 255.5) as i32 as u8;
+    let offset = zero as f32;
+    let (head, pad) = xq.split_at_mut(n.min(xq.len()));
+    for ((q, &xv), &sv) in head.iter_mut().zip(x).zip(s) {
+        // Round to nearest (ties to even) by adding 1.5 · 2²³: for a value in [0, 255] the
+        // sum's last mantissa bits are then the rounded integer. Bit operations vectorize;
+        // `f32::round` is a library call on baseline x86-64, and a saturating `as i32`
+        // (NaN → 0) compiled to a scalar compare and conversion per value.
+        let t = (value(xv, sv) * inv + offset).clamp(0.0, 255.0);
+        *q = ((t + ROUND_MAGIC).to_bits() & 0xff) as u8;
     }
     pad.fill(0);
     RowQuant { scale, zero, sum }
@@ -609,7 +648,9 @@ unsafe fn int8_dot_vnni_block<const ROWS: usize, const BLOCKS: usize, G: Iterato
 }
 
 /// The layer's outputs for one row from its integer sums: `y = bias + scale ⊙ (sx · (acc −
-/// zx · colsum) − zero ⊙ Σx)`, then ReLU when `relu`.
+/// zx · colsum) − zero ⊙ Σx)`, then ReLU when `relu`. Written over zipped slices so that it
+/// vectorizes (compiled for AVX-512 where the CPU has it): with indexing it was a scalar
+/// loop costing about a tenth of an int8 batch.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn int8_finish_row(
     w: &Int8Weight,
@@ -621,8 +662,57 @@ pub(crate) fn int8_finish_row(
     y: &mut [f32],
     relu: bool,
 ) {
-    for o in 0..w.n_out {
-        let dot = quant.scale * (acc[o] - quant.zero * w.colsum[o]) as f32;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            unsafe { int8_finish_row_avx512(w, acc, quant, scale, zero, bias, y, relu) };
+            return;
+        }
+    }
+    int8_finish_row_portable(w, acc, quant, scale, zero, bias, y, relu);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn int8_finish_row_avx512(
+    w: &Int8Weight,
+    acc: &[i32],
+    quant: RowQuant,
+    scale: &[f32],
+    zero: &[f32],
+    bias: &[f32],
+    y: &mut [f32],
+    relu: bool,
+) {
+    int8_finish_row_portable(w, acc, quant, scale, zero, bias, y, relu);
+}
+
+/// [`int8_finish_row`] in plain Rust, inlined into the wrapper above.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn int8_finish_row_portable(
+    w: &Int8Weight,
+    acc: &[i32],
+    quant: RowQuant,
+    scale: &[f32],
+    zero: &[f32],
+    bias: &[f32],
+    y: &mut [f32],
+    relu: bool,
+) {
+    let n = w.n_out;
+    let (acc, colsum, scale, zero, bias, y) = (
+        &acc[..n],
+        &w.colsum[..n],
+        &scale[..n],
+        &zero[..n],
+        &bias[..n],
+        &mut y[..n],
+    );
+    for o in 0..n {
+        let dot = quant.scale * (acc[o] - quant.zero * colsum[o]) as f32;
         let out = bias[o] + scale[o] * (dot - zero[o] * quant.sum);
         y[o] = if relu { out.max(0.0) } else { out };
     }
@@ -879,6 +969,54 @@ mod tests {
             "int8 kernel checked against the scalar one: vnni {}",
             vnni_available()
         );
+    }
+
+    #[test]
+    fn row_quantization_matches_a_plain_sequential_reference() {
+        for n in [1, 5, 15, 16, 17, 64, 100, 256] {
+            for scaled in [false, true] {
+                for signed in [false, true] {
+                    let x: Vec<f32> = values(n, n as u32 + 20)
+                        .iter()
+                        .map(|v| if signed { *v } else { v.max(0.0) * 3.0 })
+                        .collect();
+                    let s: Vec<f32> = (0..n).map(|i| 0.25 + (i % 5) as f32).collect();
+                    let input_scale = scaled.then_some(s.as_slice());
+                    let v: Vec<f32> = (0..n)
+                        .map(|i| if scaled { x[i] * s[i] } else { x[i] })
+                        .collect();
+                    // The reference: one sequential pass, then rounding of each value.
+                    let lo = v.iter().fold(0f32, |m, &a| m.min(a));
+                    let hi = v.iter().fold(0f32, |m, &a| m.max(a));
+                    let sum: f64 = v.iter().map(|&a| f64::from(a)).sum();
+                    let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+                    let zero = (-lo / scale).round().clamp(0.0, 255.0);
+                    let stride = n.div_ceil(4) * 4;
+                    for vectorized in [false, true] {
+                        let mut xq = vec![7u8; stride];
+                        let quant = if vectorized {
+                            quantize_row(&x, input_scale, &mut xq)
+                        } else {
+                            quantize_row_portable(&x, input_scale, &mut xq)
+                        };
+                        assert_eq!(quant.scale, scale, "n {n}");
+                        assert_eq!(quant.zero, zero as i32, "n {n}");
+                        assert!((f64::from(quant.sum) - sum).abs() <= 1e-4 * (1.0 + sum.abs()));
+                        for (i, &a) in v.iter().enumerate() {
+                            let exact = f64::from(a) / f64::from(scale) + f64::from(zero);
+                            let got = f64::from(xq[i]);
+                            // Nearest integer; a value within float rounding of a tie may
+                            // go either way.
+                            assert!(
+                                (got - exact).abs() <= 0.5 + 1e-4,
+                                "n {n} value {i}: {got} for {exact}"
+                            );
+                        }
+                        assert!(xq[n..].iter().all(|&q| q == 0), "padding zeroed");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
