@@ -436,7 +436,7 @@ mod tests {
         };
         let trained = train_mlp(
             &splits,
-            &MlpConfig::new(64, vec![32, 16], 10),
+            &MlpConfig::new(64, vec![256, 128], 10),
             &cfg,
             &mut |_| {},
         )
@@ -461,10 +461,9 @@ mod tests {
             let float = Engine::with_kernels(&back, KernelChoice::DenseOnly).unwrap();
             let original = Engine::from_artifact(&trained.artifact).unwrap();
             // A quarter, plus per-output scales, zero points and integer sums, and the
-            // padding of the 10 outputs to a vector of 16, which weigh on a net this small
-            // (4 000 of 11 112 bytes here; about 0.28 on the 64-256-128-10 model).
+            // padding of the 10 outputs to a vector of 16 (0.284 on this model).
             assert!(
-                int8.resident_weight_bytes() * 100 < original.resident_weight_bytes() * 37,
+                int8.resident_weight_bytes() * 100 < original.resident_weight_bytes() * 30,
                 "{} vs {}",
                 int8.resident_weight_bytes(),
                 original.resident_weight_bytes()
@@ -474,7 +473,8 @@ mod tests {
             let b = float.logits_batch(&splits.test.features, n).unwrap();
             // The int8 engine also rounds each row's activations to 8 bits (over the row's
             // own range), so it is close to the dequantized float model, not equal to it:
-            // within 3 % of the row's largest logit, and the same class almost always.
+            // within 3 % of the row's largest logit, and the same class on at least
+            // 99.5 % of the test rows.
             let mut same_class = 0;
             for (x, y) in a.chunks_exact(10).zip(b.chunks_exact(10)) {
                 let size = 1.0 + y.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -483,7 +483,8 @@ mod tests {
                 }
                 same_class += usize::from(crate::engine::argmax(x) == crate::engine::argmax(y));
             }
-            assert!(same_class * 100 >= n * 99, "{same_class} of {n} agree");
+            eprintln!("int8 vs dequantized float: same class on {same_class} of {n} rows");
+            assert!(same_class * 1000 >= n * 995, "{same_class} of {n} agree");
             // Rows and batches run the same integer arithmetic: identical answers.
             for r in 0..n {
                 let row = int8.logits(splits.test.row(r)).unwrap();

@@ -581,6 +581,23 @@ fn main() -> Result<(), Box<dyn Error>> {
             qb / fb,
             qr as f64 / fr as f64
         );
+        let n_test = splits.test.rows();
+        let int8_classes = int8_engine.classes_batch(&splits.test.features, n_test)?;
+        let float_classes = float_engine.classes_batch(&splits.test.features, n_test)?;
+        let dequantized_classes = Engine::with_kernels(q, KernelChoice::DenseOnly)?
+            .classes_batch(&splits.test.features, n_test)?;
+        let agree = |other: &[usize]| {
+            int8_classes
+                .iter()
+                .zip(other)
+                .filter(|(a, b)| a == b)
+                .count()
+        };
+        let (agree_float, agree_dequantized) = (agree(&float_classes), agree(&dequantized_classes));
+        println!(
+            "int8 engine's classes on the {n_test} test rows: same as the float model's on {agree_float}, \
+             as the dequantized model's (f32 activations) on {agree_dequantized}"
+        );
         println!(
             "(Deep Compression reports 40× for prune + quantize + Huffman on LeNet-300-100; \
              the \"× dense\" column above is lathe's figure on this MLP, whole artifact)"
@@ -591,6 +608,9 @@ fn main() -> Result<(), Box<dyn Error>> {
             "time_ratio_int8_over_float_batch_1000": qb / fb,
             "resident_ratio_int8_over_float": qr as f64 / fr as f64,
             "int8_kernel": int8_kernel(),
+            "test_rows": n_test,
+            "int8_same_class_as_float": agree_float,
+            "int8_same_class_as_dequantized": agree_dequantized,
             "int8_activations": "u8 per row, dynamic range"});
     }
     let report = json!({
