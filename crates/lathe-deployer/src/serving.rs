@@ -772,10 +772,14 @@ impl Serving {
                 headers,
             );
             let sent = match result {
+                // The reply is in the request's encoding and names its version in the body;
+                // headers are left out of the hot path (a JSON reply needs none).
+                Ok(served) if served.content_type == "application/json" => {
+                    req.respond(Ok(served.bytes.into())).await
+                }
                 Ok(served) => {
                     let mut h = HeaderMap::new();
                     h.insert("Content-Type", served.content_type);
-                    h.insert("Lathe-Model-Version", served.version.to_string().as_str());
                     req.respond_with_headers(Ok(served.bytes.into()), h).await
                 }
                 Err(e) => {
