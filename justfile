@@ -39,6 +39,11 @@ bench:
 k8s-validate:
     python3 deploy/k8s/validate.py
 
+# Validate deploy/compose.yaml offline (docker-compose 1.29's `config`).
+compose-validate:
+    docker-compose -f deploy/compose.yaml config -q
+    @echo "deploy/compose.yaml: valid"
+
 # Rewrite proto/schemas from the Rust types after a deliberate change.
 schemas:
     UPDATE_SCHEMAS=1 cargo test -p lathe-proto --test contract

@@ -246,7 +246,7 @@ async fn shifted_features_raise_a_drift_alert_naming_them() {
                 "[32]",
                 10,
                 "",
-                r#", "window_secs": 10"#,
+                r#", "window_secs": 4, "retrain_on_drift": true"#,
             ),
         )
         .await,
@@ -298,6 +298,39 @@ async fn shifted_features_raise_a_drift_alert_naming_them() {
         events
             .iter()
             .any(|e| e.kind == lathe_proto::EventKind::Alert && e.message.contains("drifted"))
+    );
+    // The drift goes on (retrain_on_drift): once it has lasted a whole window, the job that
+    // trained the version is submitted again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    loop {
+        let jobs = s.res.jobs.list().await.unwrap();
+        if jobs
+            .iter()
+            .any(|j| j.name == "drift" && j.job_id != r.job_id)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no retraining job after persistent drift"
+        );
+        for _ in 0..20 {
+            let mut row = test.row(i % test.rows()).to_vec();
+            for &f in &shifted {
+                row[f] = (row[f] + 8.0).min(16.0);
+            }
+            infer(&s.res.client, "digits-d", None, &row).await;
+            i += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored = stored_alerts(&s.res, "digits-d").await;
+    assert!(
+        stored
+            .iter()
+            .any(|a| a.message.contains("retraining as job")),
+        "{stored:?}"
     );
     monitor.stop().await;
     deployer.stop().await;
