@@ -19,7 +19,6 @@ use lathe_proto::registry::ModelEntry;
 use lathe_proto::{JobId, ModelName, TelemetryBatch, TelemetryRecord, codec, names, now_ms};
 use lathe_runtime::registry::Registry;
 use lathe_runtime::{Resources, RuntimeError, trace};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -29,6 +28,8 @@ use crate::request::{self, InferError, Limits};
 pub const QUEUE_GROUP: &str = "lathe-deployer";
 /// The NATS service name (`$SRV.*.lathe-deployer`).
 pub const SERVICE_NAME: &str = "lathe-deployer";
+/// Telemetry records buffered between flushes before new ones are dropped (and counted).
+const MAX_BUFFERED_TELEMETRY: usize = 100_000;
 /// How many first requests of a new version link their span to the deploying job's trace.
 const LINKED_FIRST_REQUESTS: u32 = 5;
 
@@ -179,8 +180,7 @@ struct Inner {
     /// Serialises applying registry entries, so an older one never overwrites a newer.
     apply_lock: tokio::sync::Mutex<()>,
     synced: AtomicBool,
-    telemetry: mpsc::Sender<TelemetryRecord>,
-    telemetry_rx: Mutex<Option<mpsc::Receiver<TelemetryRecord>>>,
+    telemetry: Mutex<Vec<TelemetryRecord>>,
     dropped_telemetry: AtomicU64,
 }
 
@@ -192,7 +192,6 @@ pub struct Serving {
 
 impl Serving {
     pub fn new(res: Resources, settings: ServeSettings) -> Self {
-        let (tx, rx) = mpsc::channel(16_384);
         Serving {
             inner: Arc::new(Inner {
                 registry: res.registry.clone(),
@@ -202,8 +201,7 @@ impl Serving {
                 cache: Mutex::new(HashMap::new()),
                 apply_lock: tokio::sync::Mutex::new(()),
                 synced: AtomicBool::new(false),
-                telemetry: tx,
-                telemetry_rx: Mutex::new(Some(rx)),
+                telemetry: Mutex::new(Vec::new()),
                 dropped_telemetry: AtomicU64::new(0),
             }),
         }
@@ -648,56 +646,53 @@ impl Serving {
         span
     }
 
+    /// Buffers a request's telemetry record. The buffer is taken by the flusher on its
+    /// tick: the request path never wakes another task (a channel would, once per request).
     fn record(&self, r: TelemetryRecord) {
-        if self.inner.telemetry.try_send(r).is_err() {
+        let mut buf = self
+            .inner
+            .telemetry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if buf.len() < MAX_BUFFERED_TELEMETRY {
+            buf.push(r);
+        } else {
             self.inner.dropped_telemetry.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Publishes telemetry in batches per model until `shutdown`, then flushes what is left.
+    /// Publishes the buffered telemetry in batches per model every flush period until
+    /// `shutdown`, then once more.
     async fn telemetry_loop(self, shutdown: CancellationToken) {
-        let Some(mut rx) = self
-            .inner
-            .telemetry_rx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        else {
-            return;
-        };
-        const MAX_BATCH: usize = 512;
-        let mut pending: HashMap<ModelName, Vec<TelemetryRecord>> = HashMap::new();
         let mut tick = tokio::time::interval(self.inner.settings.telemetry_flush);
         loop {
-            tokio::select! {
-                r = rx.recv() => match r {
-                    Some(r) => {
-                        let batch = pending.entry(r.model.clone()).or_default();
-                        batch.push(r);
-                        if batch.len() >= MAX_BATCH {
-                            let model = batch[0].model.clone();
-                            let records = std::mem::take(batch);
-                            self.publish_telemetry(model, records).await;
-                        }
-                    }
-                    None => break,
-                },
-                _ = tick.tick() => {
-                    for (model, records) in pending.drain() {
-                        if !records.is_empty() {
-                            self.publish_telemetry(model, records).await;
-                        }
-                    }
-                }
-                _ = shutdown.cancelled() => break,
+            let stop = tokio::select! {
+                _ = tick.tick() => false,
+                _ = shutdown.cancelled() => true,
+            };
+            self.flush_telemetry().await;
+            if stop {
+                break;
             }
         }
-        while let Ok(r) = rx.try_recv() {
-            pending.entry(r.model.clone()).or_default().push(r);
+    }
+
+    async fn flush_telemetry(&self) {
+        const MAX_BATCH: usize = 512;
+        let records = std::mem::take(
+            &mut *self
+                .inner
+                .telemetry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        let mut by_model: HashMap<ModelName, Vec<TelemetryRecord>> = HashMap::new();
+        for r in records {
+            by_model.entry(r.model.clone()).or_default().push(r);
         }
-        for (model, records) in pending.drain() {
-            if !records.is_empty() {
-                self.publish_telemetry(model, records).await;
+        for (model, records) in by_model {
+            for chunk in records.chunks(MAX_BATCH) {
+                self.publish_telemetry(model.clone(), chunk.to_vec()).await;
             }
         }
     }
