@@ -517,4 +517,130 @@ mod tests {
         assert!(e.message.contains("needs 6 values, got 3"), "{e}");
         assert_eq!(parse(b"", None, 3, L).unwrap_err().code, 400);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const W: usize = 5;
+        const LIMIT: Limits = Limits { max_batch_rows: 8 };
+        const CONTENT_TYPES: [Option<&str>; 3] =
+            [None, Some("application/json"), Some("application/msgpack")];
+
+        /// What every accepted request must satisfy, whatever its bytes were.
+        fn check_accepted(p: &Parsed) -> Result<(), TestCaseError> {
+            prop_assert!(p.n_rows >= 1 && p.n_rows <= LIMIT.max_batch_rows);
+            prop_assert_eq!(p.rows.len(), p.n_rows * W);
+            prop_assert!(p.rows.iter().all(|x| x.is_finite()));
+            Ok(())
+        }
+
+        fn check(bytes: &[u8]) -> Result<(), TestCaseError> {
+            for ct in CONTENT_TYPES {
+                match parse(bytes, ct, W, LIMIT) {
+                    Ok(p) => check_accepted(&p)?,
+                    Err(e) => {
+                        prop_assert!([400, 413].contains(&e.code) && !e.message.is_empty(), "{e}")
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        fn oip(rows: &[Vec<f32>], shape: Vec<i64>, nested: bool) -> Vec<u8> {
+            let data = if nested {
+                serde_json::json!(rows)
+            } else {
+                serde_json::json!(rows.iter().flatten().collect::<Vec<_>>())
+            };
+            serde_json::to_vec(&serde_json::json!({
+                "id": "r1",
+                "inputs": [{"name": "input-0", "shape": shape, "datatype": "FP32", "data": data}]
+            }))
+            .unwrap()
+        }
+
+        fn valid_requests(rows: &[Vec<f32>]) -> Vec<(Vec<u8>, Vec<f32>)> {
+            let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+            let one = rows[0].clone();
+            let lathe_row = serde_json::json!({"id": "a", "inputs": one});
+            let lathe_batch = serde_json::json!({"inputs": rows, "schema_version": 1});
+            vec![
+                (serde_json::to_vec(&lathe_row).unwrap(), one.clone()),
+                (serde_json::to_vec(&lathe_batch).unwrap(), flat.clone()),
+                (rmp_serde::to_vec_named(&lathe_row).unwrap(), one.clone()),
+                (rmp_serde::to_vec_named(&lathe_batch).unwrap(), flat.clone()),
+                (oip(&rows[..1], vec![W as i64], false), one),
+                (
+                    oip(rows, vec![rows.len() as i64, W as i64], false),
+                    flat.clone(),
+                ),
+                (oip(rows, vec![rows.len() as i64, W as i64], true), flat),
+            ]
+        }
+
+        fn finite_row() -> impl Strategy<Value = Vec<f32>> {
+            proptest::collection::vec(
+                prop_oneof![
+                    any::<f32>().prop_filter("finite", |x| x.is_finite()),
+                    (-20i32..20).prop_map(|x| x as f32),
+                ],
+                W,
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn arbitrary_bytes_are_refused_or_well_formed(
+                bytes in proptest::collection::vec(any::<u8>(), 0..256),
+            ) {
+                check(&bytes)?;
+            }
+
+            #[test]
+            fn valid_random_rows_round_trip_in_every_shape(
+                rows in proptest::collection::vec(finite_row(), 1..=LIMIT.max_batch_rows),
+            ) {
+                for (bytes, want) in valid_requests(&rows) {
+                    for ct in CONTENT_TYPES {
+                        // A wrong Content-Type must be refused, never misread.
+                        let json = bytes[0] == b'{';
+                        let mismatched = matches!((ct, json), (Some(c), true) if c.contains("msgpack"))
+                            || matches!((ct, json), (Some(c), false) if c.contains("json"));
+                        match parse(&bytes, ct, W, LIMIT) {
+                            Ok(p) => {
+                                prop_assert!(!mismatched, "{ct:?} misread");
+                                prop_assert_eq!(p.n_rows, want.len() / W);
+                                prop_assert_eq!(&p.rows, &want);
+                            }
+                            Err(e) => prop_assert!(mismatched, "{ct:?}: {e}"),
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn mutated_requests_are_refused_or_well_formed(
+                rows in proptest::collection::vec(finite_row(), 1..4),
+                edits in proptest::collection::vec(
+                    (any::<prop::sample::Index>(), any::<u8>(), 0u8..4), 1..6),
+            ) {
+                for (original, _) in valid_requests(&rows) {
+                    let mut bytes = original.clone();
+                    for (at, byte, op) in &edits {
+                        let i = at.index(bytes.len().max(1)).min(bytes.len());
+                        match op {
+                            0 if i < bytes.len() => bytes[i] ^= 1 << (byte % 8),
+                            1 if i < bytes.len() => bytes[i] = *byte,
+                            2 => bytes.truncate(i),
+                            _ => bytes.insert(i, *byte),
+                        }
+                        check(&bytes)?;
+                    }
+                }
+            }
+        }
+    }
 }

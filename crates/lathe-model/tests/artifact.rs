@@ -7,7 +7,9 @@ use lathe_model::artifact::{
     Artifact, ArtifactError, DriftReference, FORMAT_VERSION, LayerTensors, TensorData, digest_hex,
 };
 use lathe_model::data::Standardizer;
+use lathe_model::engine::Engine;
 use lathe_model::mlp::MlpConfig;
+use lathe_model::quantize::quantize_tensor;
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 
@@ -354,6 +356,120 @@ fn from_imported_checks_the_shapes() {
         error.to_string(),
         "artifact field layers[0].weight is invalid: shape [2, 4] does not chain: expected [2, 3]"
     );
+}
+
+/// The sample artifact in every storage the stages write: dense f32 (trainer, distiller),
+/// sparse f32 (pruner), int8 per channel, int4 grouped with zero points, and sparse int8
+/// (quantizer after the pruner), each encoded by the real writer.
+fn written_artifacts() -> Vec<(&'static str, Artifact)> {
+    let dense = sample_artifact();
+    let convert = |f: &dyn Fn(&[usize], &[f32]) -> TensorData| {
+        let mut a = dense.clone();
+        for layer in &mut a.layers {
+            let values = layer.weight.to_dense_values();
+            // Half the weights zero, as after pruning.
+            let pruned: Vec<f32> = values
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| if i % 2 == 0 { 0.0 } else { v })
+                .collect();
+            layer.weight = f(layer.weight.shape(), &pruned);
+        }
+        a.validate().expect("converted artifact is consistent");
+        a
+    };
+    vec![
+        ("dense", dense.clone()),
+        (
+            "sparse",
+            convert(&|shape, v| TensorData::sparse_from_dense(shape.to_vec(), v).unwrap()),
+        ),
+        (
+            "int8-channel",
+            convert(&|shape, v| quantize_tensor(shape.to_vec(), v, 8, shape[1], true, false)),
+        ),
+        (
+            "int4-grouped",
+            convert(&|shape, v| quantize_tensor(shape.to_vec(), v, 4, 2, false, false)),
+        ),
+        (
+            "int8-sparse",
+            convert(&|shape, v| quantize_tensor(shape.to_vec(), v, 8, shape[1], true, true)),
+        ),
+    ]
+}
+
+/// What a decoded artifact must allow: the engine loads it and answers a row with one
+/// probability per class, and re-encoding it reproduces the same artifact.
+fn check_usable(artifact: &Artifact) -> Result<(), TestCaseError> {
+    let again = Artifact::from_bytes(&artifact.to_bytes())
+        .map_err(|e| TestCaseError::fail(format!("re-encoded artifact fails: {e}")))?;
+    prop_assert_eq!(again.to_bytes(), artifact.to_bytes());
+    let engine = Engine::from_artifact(artifact)
+        .map_err(|e| TestCaseError::fail(format!("decoded artifact does not load: {e}")))?;
+    let row = vec![1.0f32; engine.n_features()];
+    let p = engine
+        .predict(&row)
+        .map_err(|e| TestCaseError::fail(format!("decoded artifact does not predict: {e}")))?;
+    prop_assert_eq!(p.probabilities.len(), artifact.class_labels.len());
+    prop_assert!(p.class < artifact.class_labels.len());
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Bit flips, truncation and extension of real artifact bytes (compressed as written,
+    /// and with an uncompressed body): damage the digest can see is always refused; damage
+    /// re-sealed past the digest is refused or yields a usable artifact.
+    #[test]
+    fn damaged_written_artifacts_are_refused_or_usable(
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..8), 1..6),
+        cut in any::<prop::sample::Index>(),
+        extra in proptest::collection::vec(any::<u8>(), 1..64),
+    ) {
+        for (kind, artifact) in written_artifacts() {
+            for original in [artifact.to_bytes(), plain_bytes(&artifact)] {
+                let back = Artifact::from_bytes(&original)
+                    .map_err(|e| TestCaseError::fail(format!("{kind}: {e}")))?;
+                prop_assert_eq!(&back, &artifact);
+                check_usable(&back)?;
+
+                // One bit flipped anywhere: magic, version, encoding, length, body or digest.
+                let (at, bit) = &flips[0];
+                let mut one = original.clone();
+                let i = at.index(one.len());
+                one[i] ^= 1 << bit;
+                prop_assert!(Artifact::from_bytes(&one).is_err(), "{kind}: a flipped bit was accepted");
+
+                let mut flipped = original.clone();
+                for (at, bit) in &flips {
+                    let i = at.index(flipped.len());
+                    flipped[i] ^= 1 << bit;
+                }
+                prop_assert!(Artifact::from_bytes(&flipped).is_err(), "{kind}: flipped bits were accepted");
+                if let Ok(a) = Artifact::from_bytes(&reseal(flipped)) {
+                    check_usable(&a)?;
+                }
+
+                let truncated = &original[..cut.index(original.len())];
+                prop_assert!(Artifact::from_bytes(truncated).is_err());
+                if let Ok(a) = Artifact::from_bytes(&reseal(truncated.to_vec())) {
+                    check_usable(&a)?;
+                }
+
+                let mut extended = original.clone();
+                extended.extend_from_slice(&extra);
+                prop_assert!(
+                    matches!(Artifact::from_bytes(&extended), Err(ArtifactError::TrailingBytes { .. })),
+                    "{kind}: extension not refused as trailing bytes"
+                );
+                if let Ok(a) = Artifact::from_bytes(&reseal(extended)) {
+                    check_usable(&a)?;
+                }
+            }
+        }
+    }
 }
 
 proptest! {

@@ -133,6 +133,8 @@ fn main() -> Result<(), Box<dyn Error>> {
     // (width, epochs, name) -> per-seed figures; name "scratch" is labels only.
     let mut rows: BTreeMap<(usize, usize, String), Row> = BTreeMap::new();
     let mut teacher_test = Vec::new();
+    // Artifact file bytes of each distilled student (seed 0, first setting and epochs).
+    let mut student_bytes: BTreeMap<usize, usize> = BTreeMap::new();
     let total = Instant::now();
     for seed in 0..args.seeds {
         let splits = split(train_file.clone(), Some(test_file.clone()), 0.1, 0.0, seed)?;
@@ -182,6 +184,9 @@ fn main() -> Result<(), Box<dyn Error>> {
                     row.validation.push(out.validation.accuracy);
                     row.test.push(out.test.accuracy);
                     row.seconds.push(started.elapsed().as_secs_f64());
+                    student_bytes
+                        .entry(width)
+                        .or_insert_with(|| out.artifact.to_bytes().len());
                 }
                 eprintln!(
                     "seed {seed}: 64-{width}-10 at {epochs} epochs done ({:.0} s so far)",
@@ -256,6 +261,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             "scratch_test_mean": mean(&s.1.test),
             "scratch_test_per_seed": s.1.test,
             "peer_distilled_best": peer.map(|p| p.1),
+            "artifact_bytes": student_bytes.get(&width),
         }));
     }
 
