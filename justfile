@@ -34,6 +34,16 @@ bench:
     cargo run --release -p lathe-deployer --bin lathe-serve-bench -- --out bench/results/serve.json
     python3 bench/report.py
 
+# Fuzz the artifact reader and the job spec parser for `seconds` each (cargo-fuzz, nightly,
+# libFuzzer + AddressSanitizer). Crashes land in fuzz/artifacts/<target>/; the corpus grows in
+# fuzz/corpus/<target>/ (seeded with proto/examples/valid for the spec). The artifact target
+# starts at full length (-len_control=0): its inputs are edit lists over real bodies.
+fuzz seconds="60":
+    cargo +nightly fuzz --version >/dev/null || cargo install cargo-fuzz
+    mkdir -p fuzz/corpus/spec fuzz/corpus/artifact
+    cargo +nightly fuzz run spec fuzz/corpus/spec proto/examples/valid -- -max_total_time={{seconds}} -print_final_stats=1
+    cargo +nightly fuzz run artifact --features artifact fuzz/corpus/artifact -- -max_total_time={{seconds}} -len_control=0 -max_len=1024 -print_final_stats=1
+
 # Render every Kubernetes overlay and validate it: core objects against the Kubernetes schemas
 # (kubernetes-validate --strict), KEDA ScaledObjects against the CRD's required fields.
 k8s-validate:
