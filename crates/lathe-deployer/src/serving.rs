@@ -394,21 +394,8 @@ impl Serving {
 
     /// Reads every registry entry once (readiness waits for this).
     async fn sync_all(&self) -> Result<(), RuntimeError> {
-        let kv = self.inner.registry.kv();
-        let mut keys = kv
-            .keys()
-            .await
-            .map_err(|e| RuntimeError::nats("registry keys", e))?;
-        let mut names = Vec::new();
-        while let Some(k) = keys.next().await {
-            names.push(k.map_err(|e| RuntimeError::nats("registry keys", e))?);
-        }
-        for key in names {
-            if let Ok(model) = key.parse::<ModelName>()
-                && let Some((entry, rev)) = self.inner.registry.get(&model).await?
-            {
-                self.apply(entry, rev).await;
-            }
+        for (entry, rev) in self.inner.registry.list_with_revisions().await? {
+            self.apply(entry, rev).await;
         }
         self.inner.synced.store(true, Ordering::Release);
         Ok(())

@@ -115,6 +115,7 @@ struct Inner {
     settings: MonitorSettings,
     state: Mutex<State>,
     references: Mutex<HashMap<String, Arc<ModelReference>>>,
+    by_version: Mutex<HashMap<(ModelName, u32), Arc<ModelReference>>>,
 }
 
 /// A monitor replica's watching side; cheap to clone.
@@ -131,6 +132,7 @@ impl Watcher {
                 settings,
                 state: Mutex::new(State::default()),
                 references: Mutex::new(HashMap::new()),
+                by_version: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -263,11 +265,29 @@ impl Watcher {
         true
     }
 
-    /// The training reference and labels of a model version (cached by artifact digest).
+    /// The training reference and labels of a model version. A version's artifact never
+    /// changes, so once found it is kept by `(model, version)`: feedback does not read the
+    /// registry per message.
     async fn reference_of(&self, model: &ModelName, version: u32) -> Option<Arc<ModelReference>> {
+        let key = (model.clone(), version);
+        if let Some(r) = self
+            .inner
+            .by_version
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Some(r.clone());
+        }
         let (entry, _) = self.inner.res.registry.get(model).await.ok()??;
         let v = entry.version(version)?.clone();
-        self.reference_for(&v).await
+        let r = self.reference_for(&v).await?;
+        self.inner
+            .by_version
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, r.clone());
+        Some(r)
     }
 
     async fn reference_for(&self, v: &ModelVersion) -> Option<Arc<ModelReference>> {

@@ -59,6 +59,16 @@ impl Registry {
 
     /// Every registered model, by name.
     pub async fn list(&self) -> Result<Vec<ModelEntry>, RuntimeError> {
+        Ok(self
+            .list_with_revisions()
+            .await?
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect())
+    }
+
+    /// Every registered model with its entry's revision, by name.
+    pub async fn list_with_revisions(&self) -> Result<Vec<(ModelEntry, u64)>, RuntimeError> {
         let mut keys = match self.kv.keys().await {
             Ok(k) => k,
             Err(e) => return Err(RuntimeError::nats("registry keys", e)),
@@ -69,11 +79,11 @@ impl Registry {
             let Ok(model) = key.parse::<ModelName>() else {
                 continue;
             };
-            if let Some((entry, _)) = self.get(&model).await? {
-                out.push(entry);
+            if let Some(found) = self.get(&model).await? {
+                out.push(found);
             }
         }
-        out.sort_by(|a, b| a.model.cmp(&b.model));
+        out.sort_by(|a, b| a.0.model.cmp(&b.0.model));
         Ok(out)
     }
 

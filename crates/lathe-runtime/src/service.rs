@@ -51,6 +51,19 @@ pub async fn serve<H: StageHandler>(
 
 /// A whole service process: `fn main() -> ExitCode { service::main("lathe-trainer", Trainer) }`.
 pub fn main<H: StageHandler>(service: &'static str, handler: H) -> ExitCode {
+    main_with(service, move |res, _readiness, stop| {
+        serve(res, service, handler, stop)
+    })
+}
+
+/// A service process that runs more than a stage worker (the deployer serves inference, the
+/// monitor watches models): settings, telemetry, health endpoint, connect and provision as
+/// [`main`] does, then `run(resources, readiness, shutdown)` until SIGTERM, drain, flush.
+pub fn main_with<F, Fut>(service: &'static str, run: F) -> ExitCode
+where
+    F: FnOnce(Resources, health::Readiness, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), RuntimeError>>,
+{
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -75,7 +88,7 @@ pub fn main<H: StageHandler>(service: &'static str, handler: H) -> ExitCode {
         let res = start(service, &nats, worker).await?;
         let client = res.client.clone();
         readiness.provisioned(client.clone());
-        serve(res, service, handler, stop).await?;
+        run(res, readiness, stop).await?;
         if let Err(e) = client.drain().await {
             tracing::warn!(error = %e, "NATS drain failed");
         }

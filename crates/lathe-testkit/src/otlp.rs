@@ -73,6 +73,28 @@ fn text(v: Option<&Value>) -> String {
     }
 }
 
+type KeyValues = [opentelemetry_proto::tonic::common::v1::KeyValue];
+
+/// Attributes as `key → text`.
+fn attributes(kvs: &KeyValues) -> BTreeMap<String, String> {
+    kvs.iter()
+        .map(|a| {
+            (
+                a.key.clone(),
+                text(a.value.as_ref().and_then(|v| v.value.as_ref())),
+            )
+        })
+        .collect()
+}
+
+/// The `service.name` of an exporting resource.
+fn service_name(resource: Option<&opentelemetry_proto::tonic::resource::v1::Resource>) -> String {
+    resource
+        .map(|r| attributes(&r.attributes))
+        .and_then(|mut a| a.remove("service.name"))
+        .unwrap_or_default()
+}
+
 #[tonic::async_trait]
 impl TraceService for Collector {
     async fn export(
@@ -81,12 +103,7 @@ impl TraceService for Collector {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut out = self.spans.lock().expect("collector lock");
         for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .as_ref()
-                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
-                .map(|a| text(a.value.as_ref().and_then(|v| v.value.as_ref())))
-                .unwrap_or_default();
+            let service = service_name(rs.resource.as_ref());
             for ss in rs.scope_spans {
                 for s in ss.spans {
                     out.push(ReceivedSpan {
@@ -96,16 +113,7 @@ impl TraceService for Collector {
                         parent_span_id: s.parent_span_id,
                         name: s.name,
                         kind: s.kind,
-                        attributes: s
-                            .attributes
-                            .iter()
-                            .map(|a| {
-                                (
-                                    a.key.clone(),
-                                    text(a.value.as_ref().and_then(|v| v.value.as_ref())),
-                                )
-                            })
-                            .collect(),
+                        attributes: attributes(&s.attributes),
                         start_unix_nano: s.start_time_unix_nano,
                         end_unix_nano: s.end_time_unix_nano,
                         status_code: s.status.map(|st| st.code).unwrap_or(0),
@@ -132,12 +140,7 @@ impl MetricsService for Collector {
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         let mut out = self.points.lock().expect("collector lock");
         for rm in request.into_inner().resource_metrics {
-            let service = rm
-                .resource
-                .as_ref()
-                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
-                .map(|a| text(a.value.as_ref().and_then(|v| v.value.as_ref())))
-                .unwrap_or_default();
+            let service = service_name(rm.resource.as_ref());
             for sm in rm.scope_metrics {
                 for m in sm.metrics {
                     let points = match m.data {
@@ -154,16 +157,7 @@ impl MetricsService for Collector {
                         out.push(ReceivedPoint {
                             service: service.clone(),
                             metric: m.name.clone(),
-                            attributes: p
-                                .attributes
-                                .iter()
-                                .map(|a| {
-                                    (
-                                        a.key.clone(),
-                                        text(a.value.as_ref().and_then(|v| v.value.as_ref())),
-                                    )
-                                })
-                                .collect(),
+                            attributes: attributes(&p.attributes),
                             value,
                         });
                     }
