@@ -32,6 +32,8 @@ bench:
     RAYON_NUM_THREADS=1 cargo run --release -p lathe-model --bin lathe-distill-bench -- --out bench/results/distill.json
     RAYON_NUM_THREADS=1 cargo run --release -p lathe-model --bin lathe-compress-bench -- --out bench/results/compress.json
     cargo run --release -p lathe-deployer --bin lathe-serve-bench -- --out bench/results/serve.json
+    cargo build --release --workspace --bins
+    target/release/lathe-pipeline-bench --out bench/results/pipeline.json
     python3 bench/report.py
 
 # Fuzz the artifact reader and the job spec parser for `seconds` each (cargo-fuzz, nightly,

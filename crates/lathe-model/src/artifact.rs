@@ -809,14 +809,26 @@ enum StoredTensor {
     },
 }
 
+/// The most elements one stored tensor may declare: 2^27 (512 MiB as `f32`), far above any
+/// model lathe trains. A sparse or quantized tensor of a few bytes can declare any shape, and
+/// the engine expands some tensors to their dense size, so a damaged or hostile artifact
+/// must be refused on reading rather than allowed to ask for gigabytes.
+pub const MAX_TENSOR_ELEMENTS: usize = 1 << 27;
+
 /// The element count of `shape` and its row length (the last dimension), refusing shapes
-/// whose count overflows or exceeds what a `u32` position can address.
+/// whose count overflows or exceeds [`MAX_TENSOR_ELEMENTS`] (which a `u32` position can
+/// address).
 fn shape_extent(shape: &[usize]) -> Result<(usize, usize), String> {
     let elements = shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .filter(|n| u32::try_from(*n).is_ok())
         .ok_or_else(|| format!("shape {shape:?} has more elements than a u32 can address"))?;
+    if elements > MAX_TENSOR_ELEMENTS {
+        return Err(format!(
+            "shape {shape:?} declares {elements} elements, more than the {MAX_TENSOR_ELEMENTS} \
+             a stored tensor may hold"
+        ));
+    }
     Ok((elements, shape.last().copied().unwrap_or(1)))
 }
 
@@ -1772,9 +1784,24 @@ mod tests {
         let bytes = rmp_serde::to_vec_named(&stored).unwrap();
         let err = rmp_serde::from_slice::<TensorData>(&bytes).unwrap_err();
         assert!(
-            err.to_string().contains("more elements than a u32"),
+            err.to_string().contains("a stored tensor may hold"),
             "{err}"
         );
+        // So is one that fits a u32 but would expand to gigabytes (a sparse tensor of a
+        // few bytes can declare it), and one whose element count overflows.
+        for (shape, expected) in [
+            (vec![60_000, 60_000], "a stored tensor may hold"),
+            (vec![usize::MAX, 2], "more elements than a u32"),
+        ] {
+            let stored = StoredTensor::SparseF32 {
+                shape,
+                positions: vec![1],
+                values: crate::codec::encode_f32(&[]),
+            };
+            let bytes = rmp_serde::to_vec_named(&stored).unwrap();
+            let err = rmp_serde::from_slice::<TensorData>(&bytes).unwrap_err();
+            assert!(err.to_string().contains(expected), "{err}");
+        }
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! in this process, and measures in the same run:
 //! - a bare NATS request–reply echo (a subscriber answering with the request's bytes);
 //! - `lathe.infer.digits`: one row (JSON and MessagePack) and a batch of 64, one request at
-//!   a time (p50/p99 round trip), and throughput with 64 requests in flight, with 1 and 2
-//!   replicas (the echo with 1 and 2 responders beside them).
+//!   a time (p50/p99 round trip; the single JSON row interleaved with the echo), and
+//!   throughput with 64 requests in flight, with 1 and 2 replicas (the echo with 1 and 2
+//!   responders beside them).
 //!
 //! Prints a table and writes JSON (`--out`). Needs `nats-server` on the PATH (`./run` puts
 //! one in `.tools/venv/bin`).
@@ -105,6 +106,31 @@ fn check(reply: async_nats::Message) -> Result<(), Box<dyn Error>> {
         return Err(format!("service error: {e}").into());
     }
     Ok(())
+}
+
+/// Two subjects measured interleaved, one request at a time, the order alternating.
+async fn paired(
+    client: &async_nats::Client,
+    a: &str,
+    b: &str,
+    body: &Bytes,
+    n: usize,
+) -> Result<(Latency, Latency), Box<dyn Error>> {
+    for _ in 0..n.min(500) {
+        check(client.request(a.to_string(), body.clone()).await?)?;
+        check(client.request(b.to_string(), body.clone()).await?)?;
+    }
+    let (mut ua, mut ub) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        for subject in if i % 2 == 0 { [a, b] } else { [b, a] } {
+            let t = Instant::now();
+            let reply = client.request(subject.to_string(), body.clone()).await?;
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            check(reply)?;
+            if subject == a { &mut ua } else { &mut ub }.push(us);
+        }
+    }
+    Ok((latency(ua), latency(ub)))
 }
 
 /// Requests per second with `in_flight` outstanding.
@@ -253,9 +279,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
         }
         latency(us)
     };
-    // The echo carries the same bytes as the single-row request.
-    let echo_row = sequential(&client, "bench.echo", &json_row, n).await?;
-    let infer_row = sequential(&client, subject, &json_row, n).await?;
+    // The echo carries the same bytes as the single-row request, and the two are measured
+    // interleaved so that both see the same machine (a loaded 2-core box drifts).
+    let (echo_row, infer_row) = paired(&client, "bench.echo", subject, &json_row, n).await?;
     let infer_row_mp = sequential(&client, subject, &msgpack_row, n).await?;
     let echo_batch = sequential(&client, "bench.echo", &json_batch, n / 5).await?;
     let infer_batch = sequential(&client, subject, &json_batch, n / 5).await?;

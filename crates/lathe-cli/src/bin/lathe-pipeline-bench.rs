@@ -1,0 +1,456 @@
+//! `lathe-pipeline-bench`: the whole chain (train → distill → prune → quantize → deploy →
+//! monitor) on the built-in digits data, with every stage service as its own process against
+//! a fresh nats-server, as in production. Measures in one run:
+//! - each stage's compute time (its step's start to finish, artifact store included, as the
+//!   job record holds them);
+//! - the orchestration overhead of each hop: from one step's finish (record written, next
+//!   task published) to the next step's start (task delivered, job record read, step marked
+//!   running) — what lathe adds between two stages;
+//! - the artifact object store's own put and get for each of the job's artifacts;
+//! - whole-job wall time (spec accepted → job completed);
+//! - jobs per minute with 1 and with 2 replicas of every stage (a batch of jobs submitted at
+//!   once).
+//!
+//! The stage binaries are taken from the directory of this executable (`cargo build
+//! --release --workspace --bins`; `just bench` does). Prints a table and writes JSON (`--out`).
+
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use lathe_proto::{JobId, JobRecord, JobState, Stage, names};
+use lathe_runtime::{NatsSettings, Resources, WorkerSettings, service};
+
+const CHAIN: &str = include_str!("../../../../proto/examples/valid/digits-chain.json");
+
+/// The stage services, in chain order.
+const SERVICES: [(Stage, &str); 6] = [
+    (Stage::Train, "lathe-trainer"),
+    (Stage::Distill, "lathe-distiller"),
+    (Stage::Prune, "lathe-pruner"),
+    (Stage::Quantize, "lathe-quantizer"),
+    (Stage::Deploy, "lathe-deployer"),
+    (Stage::Monitor, "lathe-monitor"),
+];
+
+struct Args {
+    out: PathBuf,
+    /// Jobs run one after another for the per-stage and per-hop figures.
+    sequential: usize,
+    /// Jobs submitted at once for the jobs-per-minute figures.
+    batch: usize,
+    /// Overrides of the demo spec's epochs.
+    train_epochs: Option<u32>,
+    distill_epochs: Option<u32>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        out: PathBuf::from("bench/results/pipeline.json"),
+        sequential: 5,
+        batch: 8,
+        train_epochs: None,
+        distill_epochs: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        let count = |flag: &str, v: String| {
+            v.parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or(format!("{flag} must be a positive integer, got {v:?}"))
+        };
+        match flag.as_str() {
+            "--out" => a.out = PathBuf::from(value()?),
+            "--sequential" => a.sequential = count("--sequential", value()?)?,
+            "--batch" => a.batch = count("--batch", value()?)?,
+            "--train-epochs" => a.train_epochs = Some(count("--train-epochs", value()?)? as u32),
+            "--distill-epochs" => {
+                a.distill_epochs = Some(count("--distill-epochs", value()?)? as u32)
+            }
+            "-h" | "--help" => {
+                return Err("usage: lathe-pipeline-bench [--out PATH] [--sequential N] \
+                     [--batch N] [--train-epochs N] [--distill-epochs N]"
+                    .into());
+            }
+            other => return Err(format!("unknown argument {other:?} (see --help)")),
+        }
+    }
+    Ok(a)
+}
+
+/// The demo's digits chain with its own model name (and the epochs asked for).
+fn spec(args: &Args, name: &str) -> Result<Vec<u8>, Box<dyn Error>> {
+    let mut s: serde_json::Value = serde_json::from_str(CHAIN)?;
+    s["name"] = name.into();
+    if let Some(e) = args.train_epochs {
+        s["train"]["epochs"] = e.into();
+    }
+    if let Some(e) = args.distill_epochs {
+        s["distill"]["epochs"] = e.into();
+    }
+    s["deploy"]["model"] = name.into();
+    Ok(serde_json::to_vec(&s)?)
+}
+
+/// The spec's epochs, as `(train, distill)`, for the report.
+fn epochs(args: &Args) -> Result<(u64, u64), Box<dyn Error>> {
+    let s: serde_json::Value = serde_json::from_slice(&spec(args, "x")?)?;
+    let e = |stage: &str| s[stage]["epochs"].as_u64().unwrap_or(0);
+    Ok((e("train"), e("distill")))
+}
+
+/// The stage processes of one replica set, killed when dropped.
+struct Replicas(Vec<Child>);
+
+impl Drop for Replicas {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_replicas(url: &str, set: usize) -> Result<Replicas, Box<dyn Error>> {
+    let dir = std::env::current_exe()?
+        .parent()
+        .ok_or("the executable has no directory")?
+        .to_path_buf();
+    let mut children = Vec::new();
+    for (stage, bin) in SERVICES {
+        let path = dir.join(bin);
+        if !path.is_file() {
+            return Err(format!(
+                "{} is missing: build the services first (cargo build --release --workspace --bins)",
+                path.display()
+            )
+            .into());
+        }
+        children.push(
+            Command::new(path)
+                .env("NATS_URL", url)
+                .env("RUST_LOG", "warn")
+                .env("LATHE_WORKER_ID", format!("{stage}-{set}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()?,
+        );
+    }
+    Ok(Replicas(children))
+}
+
+/// Waits until every stage's consumer has `replicas` pull requests waiting (each idle
+/// replica keeps one open).
+async fn wait_idle_workers(res: &Resources, replicas: usize) -> Result<(), Box<dyn Error>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (stage, _) in SERVICES {
+        loop {
+            let mut c: async_nats::jetstream::consumer::PullConsumer = res
+                .js
+                .get_consumer_from_stream(names::stage_consumer(stage), names::WORK_STREAM)
+                .await?;
+            if c.info().await?.num_waiting >= replicas {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{replicas} {stage} replicas never came up").into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+async fn submit(res: &Resources, payload: Vec<u8>) -> Result<JobId, Box<dyn Error>> {
+    let job = JobId::new();
+    let mut headers = HeaderMap::new();
+    headers.insert(names::JOB_ID_HEADER, job.to_string().as_str());
+    res.client
+        .publish_with_headers(names::SUBMIT_SUBJECT, headers, payload.into())
+        .await?;
+    res.client.flush().await?;
+    Ok(job)
+}
+
+async fn wait_done(res: &Resources, job: JobId) -> Result<JobRecord, Box<dyn Error>> {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        if let Some((r, _)) = res.jobs.get(job).await?
+            && r.state.is_terminal()
+        {
+            if r.state != JobState::Completed {
+                return Err(format!(
+                    "job {job} ended {:?}: {}",
+                    r.state,
+                    r.error.clone().unwrap_or_default()
+                )
+                .into());
+            }
+            return Ok(r);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("job {job} did not end within 15 minutes").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct Summary {
+    what: String,
+    p50_ms: f64,
+    max_ms: f64,
+    n: usize,
+}
+
+fn summary(what: impl Into<String>, mut ms: Vec<f64>) -> Summary {
+    ms.sort_by(f64::total_cmp);
+    Summary {
+        what: what.into(),
+        p50_ms: if ms.is_empty() { 0.0 } else { ms[ms.len() / 2] },
+        max_ms: ms.last().copied().unwrap_or(0.0),
+        n: ms.len(),
+    }
+}
+
+/// Per-stage compute and per-hop overhead of completed jobs (from their records, in ms).
+fn timings(records: &[JobRecord]) -> (Vec<Summary>, Vec<Summary>, Vec<f64>, Vec<f64>) {
+    let mut compute: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut hops: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut walls = Vec::new();
+    let mut overheads = Vec::new();
+    for r in records {
+        let mut previous_end = r.submitted_at_ms;
+        let mut overhead = 0.0;
+        for (i, s) in r.steps.iter().enumerate() {
+            let (Some(a), Some(b)) = (s.started_at_ms, s.finished_at_ms) else {
+                continue;
+            };
+            let hop = a.saturating_sub(previous_end) as f64;
+            hops.entry(i).or_default().push(hop);
+            compute
+                .entry(i)
+                .or_default()
+                .push(b.saturating_sub(a) as f64);
+            overhead += hop;
+            previous_end = b;
+        }
+        if let Some(end) = r.finished_at_ms {
+            walls.push(end.saturating_sub(r.submitted_at_ms) as f64);
+            overheads.push(overhead);
+        }
+    }
+    let stage_of = |i: usize| SERVICES.get(i).map_or("?".into(), |(s, _)| s.to_string());
+    let compute = compute
+        .into_iter()
+        .map(|(i, v)| summary(stage_of(i), v))
+        .collect();
+    let hops = hops
+        .into_iter()
+        .map(|(i, v)| {
+            let from = if i == 0 {
+                "submit".to_string()
+            } else {
+                stage_of(i - 1)
+            };
+            summary(format!("{from} → {}", stage_of(i)), v)
+        })
+        .collect();
+    (compute, hops, walls, overheads)
+}
+
+/// Put and get of each of a job's artifacts through the object store, `k` times each.
+async fn artifact_io(
+    res: &Resources,
+    record: &JobRecord,
+    k: usize,
+) -> Result<Vec<serde_json::Value>, Box<dyn Error>> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for s in &record.steps {
+        let Some(r) = &s.artifact else { continue };
+        if !seen.insert(r.name.clone()) {
+            continue;
+        }
+        let bytes = res.artifacts.get(r).await?;
+        let (mut get, mut put) = (Vec::new(), Vec::new());
+        for i in 0..k {
+            let t = Instant::now();
+            res.artifacts.get(r).await?;
+            get.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            res.artifacts
+                .put(&format!("bench-io/{}-{i}", s.stage), &bytes)
+                .await?;
+            put.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let (g, p) = (summary("get", get), summary("put", put));
+        out.push(serde_json::json!({
+            "artifact": s.stage.to_string(),
+            "bytes": bytes.len(),
+            "get_p50_ms": g.p50_ms,
+            "put_p50_ms": p.p50_ms,
+        }));
+    }
+    Ok(out)
+}
+
+/// Submits `n` jobs at once and waits for all: jobs per minute.
+async fn batch(
+    res: &Resources,
+    args: &Args,
+    tag: &str,
+) -> Result<(f64, Vec<JobRecord>), Box<dyn Error>> {
+    let t = Instant::now();
+    let mut jobs = Vec::new();
+    for i in 0..args.batch {
+        jobs.push(submit(res, spec(args, &format!("bench-{tag}-{i}"))?).await?);
+    }
+    let mut records = Vec::new();
+    for j in jobs {
+        records.push(wait_done(res, j).await?);
+    }
+    let minutes = t.elapsed().as_secs_f64() / 60.0;
+    Ok((args.batch as f64 / minutes, records))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn Error>> {
+    let args = parse_args()?;
+    let server = lathe_testkit::NatsServer::start();
+    let url = server.url();
+    let res = service::start(
+        "lathe-pipeline-bench",
+        &NatsSettings::with_url(&url),
+        WorkerSettings {
+            id: "pipeline-bench".into(),
+            ..WorkerSettings::from_env()?
+        },
+    )
+    .await?;
+
+    eprintln!("pipeline: one replica of each stage; a warm-up job …");
+    let first = spawn_replicas(&url, 1)?;
+    wait_idle_workers(&res, 1).await?;
+    let warm = submit(&res, spec(&args, "bench-warmup")?).await?;
+    let warm = wait_done(&res, warm).await?;
+
+    eprintln!("pipeline: {} jobs one after another …", args.sequential);
+    let mut records = Vec::new();
+    for i in 0..args.sequential {
+        let job = submit(&res, spec(&args, &format!("bench-seq-{i}"))?).await?;
+        records.push(wait_done(&res, job).await?);
+    }
+    let (compute, hops, walls, overheads) = timings(&records);
+    let io = artifact_io(&res, &warm, 20).await?;
+
+    eprintln!(
+        "pipeline: {} jobs at once, 1 replica per stage …",
+        args.batch
+    );
+    wait_idle_workers(&res, 1).await?;
+    let (jpm1, _) = batch(&res, &args, "r1").await?;
+    eprintln!(
+        "pipeline: {} jobs at once, 2 replicas per stage …",
+        args.batch
+    );
+    let second = spawn_replicas(&url, 2)?;
+    wait_idle_workers(&res, 2).await?;
+    let (jpm2, records2) = batch(&res, &args, "r2").await?;
+    let workers: std::collections::BTreeSet<String> = records2
+        .iter()
+        .flat_map(|r| r.steps.iter().filter_map(|s| s.worker.clone()))
+        .collect();
+    drop(second);
+    drop(first);
+
+    let (train_epochs, distill_epochs) = epochs(&args)?;
+    let wall = summary("whole job (accepted → completed)", walls.clone());
+    let overhead = summary("orchestration, all hops", overheads.clone());
+    println!();
+    println!(
+        "pipeline: digits chain (train {train_epochs} ep, distill {distill_epochs} ep), one process per stage, {} jobs",
+        args.sequential
+    );
+    println!("{:<36} {:>10} {:>10}", "stage compute", "p50 ms", "max ms");
+    for c in &compute {
+        println!("{:<36} {:>10.0} {:>10.0}", c.what, c.p50_ms, c.max_ms);
+    }
+    println!(
+        "{:<36} {:>10} {:>10}",
+        "hop (task handed on → picked up)", "p50 ms", "max ms"
+    );
+    for h in &hops {
+        println!("{:<36} {:>10.0} {:>10.0}", h.what, h.p50_ms, h.max_ms);
+    }
+    println!(
+        "{:<36} {:>10.0} {:>10.0}",
+        overhead.what, overhead.p50_ms, overhead.max_ms
+    );
+    println!(
+        "{:<36} {:>10.0} {:>10.0}",
+        wall.what, wall.p50_ms, wall.max_ms
+    );
+    let share = overheads.iter().sum::<f64>() / walls.iter().sum::<f64>().max(1.0);
+    println!("orchestration share of wall time: {:.2} %", 100.0 * share);
+    println!(
+        "{:<12} {:>10} {:>12} {:>12}",
+        "artifact", "bytes", "get p50 ms", "put p50 ms"
+    );
+    for a in &io {
+        println!(
+            "{:<12} {:>10} {:>12.2} {:>12.2}",
+            a["artifact"].as_str().unwrap_or("?"),
+            a["bytes"],
+            a["get_p50_ms"].as_f64().unwrap_or(0.0),
+            a["put_p50_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!(
+        "jobs per minute ({} at once): 1 replica per stage {jpm1:.2}, 2 replicas {jpm2:.2} ({:.2}×; {} workers took part)",
+        args.batch,
+        jpm2 / jpm1,
+        workers.len()
+    );
+
+    let mut all = compute
+        .iter()
+        .map(|c| Summary {
+            what: format!("{} compute", c.what),
+            ..c.clone()
+        })
+        .collect::<Vec<_>>();
+    all.extend(hops.iter().map(|h| Summary {
+        what: format!("hop {}", h.what),
+        ..h.clone()
+    }));
+    all.push(overhead.clone());
+    all.push(wall.clone());
+    let json = serde_json::json!({
+        "job": format!(
+            "digits chain, train {train_epochs} ep, distill {distill_epochs} ep, prune auto, int8, deploy, monitor"
+        ),
+        "setup": "nats-server on loopback; each stage service its own process",
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "sequential_jobs": args.sequential,
+        "hops": all,
+        "stage_compute": compute,
+        "hop_overhead": hops,
+        "orchestration_share_of_wall": share,
+        "artifact_io": io,
+        "jobs_at_once": args.batch,
+        "jobs_per_minute": { "1 replica per stage": jpm1, "2 replicas per stage": jpm2 },
+        "workers_in_2_replica_run": workers.len(),
+    });
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&json)? + "\n")?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
