@@ -815,6 +815,56 @@ enum StoredTensor {
 /// must be refused on reading rather than allowed to ask for gigabytes.
 pub const MAX_TENSOR_ELEMENTS: usize = 1 << 27;
 
+/// A value's MessagePack size, for [`Artifact::byte_breakdown`].
+mod erased {
+    pub trait Encode {
+        fn encoded_len(&self) -> usize;
+    }
+    impl<T: serde::Serialize> Encode for T {
+        fn encoded_len(&self) -> usize {
+            rmp_serde::to_vec_named(self).map_or(0, |b| b.len())
+        }
+    }
+}
+
+/// A weight's stored bytes as (values, non-zero positions, scales and zero points).
+fn tensor_parts(t: &TensorData) -> (usize, usize, usize) {
+    use erased::Encode;
+    let positions = |shape: &[usize], indices: &[u32]| {
+        let (elements, cols) = shape_extent(shape).unwrap_or((0, 1));
+        crate::codec::encode_positions(indices, elements, cols).len()
+    };
+    match t {
+        TensorData::DenseF32 { values, .. } => (crate::codec::encode_f32(values).len(), 0, 0),
+        TensorData::SparseF32 {
+            shape,
+            indices,
+            values,
+        } => (
+            crate::codec::encode_f32(values).len(),
+            positions(shape, indices),
+            0,
+        ),
+        TensorData::QuantizedInt {
+            shape,
+            scales,
+            zero_points,
+            sparse,
+            indices,
+            data,
+            ..
+        } => (
+            crate::codec::encode_bytes(data).len(),
+            if *sparse {
+                positions(shape, indices)
+            } else {
+                0
+            },
+            crate::codec::encode_f32(scales).len() + zero_points.encoded_len(),
+        ),
+    }
+}
+
 /// The element count of `shape` and its row length (the last dimension), refusing shapes
 /// whose count overflows or exceeds [`MAX_TENSOR_ELEMENTS`] (which a `u32` position can
 /// address).
@@ -1352,6 +1402,52 @@ impl Artifact {
     /// class mix on it (empty for an imported model).
     pub fn drift_reference(&self) -> &DriftReference {
         &self.reference
+    }
+
+    /// Where an artifact's bytes go: each part's share of the encoded file — per layer its
+    /// weight values, the weight's non-zero positions, its
+    /// scales (and zero points), and its bias; then the preprocessing, the drift reference,
+    /// the lineage and metrics, the names, and the framing (header, digest, MessagePack field
+    /// names). Each part is measured as its MessagePack encoding; when the file's body is
+    /// zstd-compressed, the parts are scaled to the compressed size, so the shares always sum
+    /// to [`Artifact::to_bytes`]'s length.
+    pub fn byte_breakdown(&self) -> Vec<(String, usize)> {
+        let size = |v: &dyn erased::Encode| v.encoded_len();
+        let mut parts: Vec<(String, usize)> = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let (values, positions, scales) = tensor_parts(&l.weight);
+            parts.push((format!("layer {i} weight values"), values));
+            if positions > 0 {
+                parts.push((format!("layer {i} weight positions"), positions));
+            }
+            if scales > 0 {
+                parts.push((format!("layer {i} weight scales"), scales));
+            }
+            parts.push((format!("layer {i} bias"), size(&l.bias)));
+        }
+        parts.push(("preprocessing".into(), size(&self.preprocessing)));
+        parts.push(("drift reference".into(), size(&self.reference)));
+        parts.push((
+            "lineage and metrics".into(),
+            size(&self.lineage) + size(&self.metrics),
+        ));
+        parts.push((
+            "feature names and class labels".into(),
+            size(&self.feature_names) + size(&self.class_labels),
+        ));
+        let total = self.to_bytes().len();
+        let body = rmp_serde::to_vec_named(self).map_or(0, |b| b.len());
+        let stored_body = total.saturating_sub(HEADER_LEN + DIGEST_LEN);
+        if stored_body < body {
+            // zstd shrank the body: scale the parts to what they take in it.
+            let f = stored_body as f64 / body.max(1) as f64;
+            for (_, n) in &mut parts {
+                *n = (*n as f64 * f).round() as usize;
+            }
+        }
+        let counted: usize = parts.iter().map(|(_, n)| n).sum();
+        parts.push(("framing".into(), total.saturating_sub(counted)));
+        parts
     }
 
     /// Encodes the artifact in the current byte format (see the module docs).

@@ -377,13 +377,11 @@ pub fn prune_mlp(
         baseline_test,
         baseline_validation,
         reports,
-        cfg,
     )
 }
 
-/// Packages the kept layers: structured pruning cuts the removed neurons out; weights go to
+/// Packages the kept layers: the neurons without a use are cut out; weights go to
 /// sparse storage where that is smaller.
-#[allow(clippy::too_many_arguments)]
 fn finish(
     input: &Artifact,
     splits: &Splits,
@@ -392,15 +390,12 @@ fn finish(
     baseline_test: f64,
     baseline_validation: f64,
     steps: Vec<StepReport>,
-    cfg: &PruneConfig,
 ) -> Result<PruneOutcome, PruneError> {
     let original = input.mlp_config();
     let original_sizes: Vec<usize> = original.layer_dims().iter().map(|(i, o)| i * o).collect();
-    let layers = if cfg.structure == Structure::Structured {
-        remove_dead_neurons(layers)
-    } else {
-        layers
-    };
+    // Structured pruning's removed neurons and the neurons unstructured pruning left
+    // without a use both go: the model stays the same function and gets narrower.
+    let layers = remove_dead_neurons(layers);
     let hidden_after: Vec<usize> = layers[..layers.len() - 1].iter().map(|l| l.n_out).collect();
     let config = MlpConfig::new(original.input, hidden_after.clone(), original.classes);
     let tensors = layers
@@ -644,18 +639,43 @@ pub fn remove_dead_neurons_from(layers: &[LayerTensors]) -> Vec<LayerTensors> {
         .collect()
 }
 
+/// Cuts out the hidden neurons that cannot change an output, without changing what the
+/// network computes (up to the rounding of folded biases): a neuron whose outgoing weights
+/// are all zero is removed; one whose incoming weights are all zero outputs the constant
+/// `relu(bias)`, which is added to the next layer's biases before it is removed. Unstructured
+/// pruning leaves many such neurons (at 90 % on the digits MLP about a third of the first
+/// hidden layer), and each costs a bias, a scale once quantized, and a row of positions.
 fn remove_dead_neurons(mut layers: Vec<HostLayer>) -> Vec<HostLayer> {
     for l in 0..layers.len().saturating_sub(1) {
         let n_out = layers[l].n_out;
-        let next = &layers[l + 1];
+        let n_in = layers[l].n_in;
+        let next_out = layers[l + 1].n_out;
+        for j in 0..n_out {
+            let this = &layers[l];
+            let incoming_zero = this.w[j * n_in..(j + 1) * n_in].iter().all(|w| *w == 0.0);
+            let constant = this.b[j].max(0.0);
+            if incoming_zero && constant != 0.0 {
+                let next = &mut layers[l + 1];
+                for o in 0..next_out {
+                    let w = next.w[o * n_out + j];
+                    next.b[o] += constant * w;
+                    next.w[o * n_out + j] = 0.0;
+                }
+            }
+        }
+        let (this, next) = (&layers[l], &layers[l + 1]);
         let mut keep: Vec<usize> = (0..n_out)
-            .filter(|&j| (0..next.n_out).any(|o| next.w[o * n_out + j] != 0.0))
+            .filter(|&j| {
+                let incoming_zero = this.w[j * n_in..(j + 1) * n_in].iter().all(|w| *w == 0.0);
+                // A neuron with no inputs and a non-positive bias outputs 0: dead too.
+                let silent = incoming_zero && this.b[j] <= 0.0;
+                !silent && (0..next.n_out).any(|o| next.w[o * n_out + j] != 0.0)
+            })
             .collect();
         if keep.is_empty() {
             keep.push(0);
         }
         let layer = &layers[l];
-        let n_in = layer.n_in;
         let w: Vec<f32> = keep
             .iter()
             .flat_map(|&j| layer.w[j * n_in..(j + 1) * n_in].iter().copied())
@@ -1013,11 +1033,25 @@ mod tests {
                 }
             }
         }
+        // Neuron 5 loses its inputs with a positive bias (a constant, folded into the next
+        // layer's biases), neuron 9 with a negative one (always 0: dead).
+        let layer0 = &mut input.layers[0];
+        if let (
+            ArtifactTensor::DenseF32 { values, .. },
+            ArtifactTensor::DenseF32 { values: b, .. },
+        ) = (&mut layer0.weight, &mut layer0.bias)
+        {
+            for j in [5usize, 9] {
+                values[j * 64..(j + 1) * 64].fill(0.0);
+            }
+            b[5] = 0.5;
+            b[9] = -0.3;
+        }
         let layers = remove_dead_neurons_from(&input.layers);
-        assert_eq!(layers[0].weight.shape(), &[29, 64]);
-        assert_eq!(layers[1].weight.shape(), &[16, 29]);
+        assert_eq!(layers[0].weight.shape(), &[27, 64]);
+        assert_eq!(layers[1].weight.shape(), &[16, 27]);
         let mut cut = input.clone();
-        cut.architecture = Architecture::Mlp(MlpConfig::new(64, vec![29, 16], 10));
+        cut.architecture = Architecture::Mlp(MlpConfig::new(64, vec![27, 16], 10));
         cut.layers = layers;
         let a = Engine::from_artifact(&input).unwrap();
         let b = Engine::from_artifact(&cut).unwrap();

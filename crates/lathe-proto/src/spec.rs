@@ -407,8 +407,10 @@ fn default_structure() -> PruneStructure {
 fn default_scope() -> PruneScope {
     PruneScope::Global
 }
+/// Eight steps of five epochs: on the digits MLP at 95 % sparsity four steps lost 0.83
+/// points and eight gained 0.28 (`just bench`), for about a second more of fine-tuning.
 fn default_prune_steps() -> u32 {
-    4
+    8
 }
 fn default_finetune_epochs() -> u32 {
     5

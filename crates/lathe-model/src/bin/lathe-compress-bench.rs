@@ -253,13 +253,13 @@ fn main() -> Result<(), Box<dyn Error>> {
             false,
         )?;
         run(
-            format!("{s:.2} gradual magnitude, 4×5 ep"),
-            config(Saliency::Magnitude, Structure::Unstructured, fixed, 4, 5),
+            format!("{s:.2} gradual magnitude, 8×5 ep"),
+            config(Saliency::Magnitude, Structure::Unstructured, fixed, 8, 5),
             false,
         )?;
         run(
-            format!("{s:.2} gradual taylor, 4×5 ep"),
-            config(Saliency::Taylor, Structure::Unstructured, fixed, 4, 5),
+            format!("{s:.2} gradual taylor, 8×5 ep"),
+            config(Saliency::Taylor, Structure::Unstructured, fixed, 8, 5),
             s == 0.9,
         )?;
     }
@@ -280,7 +280,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             Saliency::Taylor,
             Structure::Structured,
             Target::Fixed(0.5),
-            4,
+            8,
             5,
         ),
         true,
@@ -291,7 +291,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             Saliency::Magnitude,
             Structure::Structured,
             Target::Fixed(0.5),
-            4,
+            8,
             5,
         ),
         false,
@@ -302,7 +302,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             Saliency::Taylor,
             Structure::Structured,
             Target::Fixed(0.75),
-            4,
+            8,
             5,
         ),
         false,
@@ -434,15 +434,15 @@ fn main() -> Result<(), Box<dyn Error>> {
             "structured50": structured.map(|(t1, tb)| json!({"row_p50_us": t1, "batch_1000_ms": tb})),
         });
     }
-    // Quantization: the dense model and the 92 % gradual Taylor model.
-    let pruned92 = prune_mlp(
+    // Quantization: the dense model and the 95 % gradual Taylor model.
+    let pruned95 = prune_mlp(
         &dense,
         &splits,
         &config(
             Saliency::Taylor,
             Structure::Unstructured,
-            Target::Fixed(0.92),
-            4,
+            Target::Fixed(0.95),
+            8,
             5,
         ),
         &mut |_| {},
@@ -475,6 +475,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     );
     let mut quant_rows = Vec::new();
     let mut int8_model = None;
+    let mut breakdowns = Vec::new();
     for (label, input, cfg) in [
         (
             "int8 per-channel symmetric",
@@ -508,17 +509,17 @@ fn main() -> Result<(), Box<dyn Error>> {
         ),
         (
             "pruned 90 % + int8 per-channel",
-            kept.as_ref().map_or(&pruned92.artifact, |k| &k.artifact),
+            kept.as_ref().map_or(&pruned95.artifact, |k| &k.artifact),
             qcfg(Bits::Eight, Granularity::PerChannel, true),
         ),
         (
-            "pruned 92 % + int8 per-channel",
-            &pruned92.artifact,
+            "pruned 95 % + int8 per-channel",
+            &pruned95.artifact,
             qcfg(Bits::Eight, Granularity::PerChannel, true),
         ),
         (
-            "pruned 92 % + int4 grouped 32",
-            &pruned92.artifact,
+            "pruned 95 % + int4 grouped 32",
+            &pruned95.artifact,
             qcfg(Bits::Four, Granularity::Grouped(32), true),
         ),
     ] {
@@ -541,10 +542,37 @@ fn main() -> Result<(), Box<dyn Error>> {
             "times_smaller_than_dense": dense_bytes as f64 / bytes as f64,
             "max_weight_error": o.max_weight_error}),
         );
+        if label.starts_with("int8 per-channel symmetric")
+            || label.starts_with("pruned 95 % + int8")
+        {
+            breakdowns.push((label, o.artifact.byte_breakdown()));
+        }
         if int8_model.is_none() {
             int8_model = Some(o.artifact);
         }
     }
+    for (label, parts) in &breakdowns {
+        let total: usize = parts.iter().map(|(_, n)| n).sum();
+        println!("\nwhere the bytes go: {label} ({total} B)");
+        for (part, n) in parts {
+            println!(
+                "  {part:<40} {n:>8} {:>6.1} %",
+                *n as f64 / total.max(1) as f64 * 100.0
+            );
+        }
+    }
+    let breakdown_json: serde_json::Map<String, serde_json::Value> = breakdowns
+        .iter()
+        .map(|(label, parts)| {
+            (
+                label.to_string(),
+                parts
+                    .iter()
+                    .map(|(p, n)| json!({"part": p, "bytes": n}))
+                    .collect(),
+            )
+        })
+        .collect();
     let mut quant_latency = json!(null);
     if let Some(q) = &int8_model {
         let float_engine = Engine::from_artifact(&dense)?;
@@ -616,6 +644,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let report = json!({
         "quantize": quant_rows,
         "quantize_engine": quant_latency,
+        "byte_breakdown": breakdown_json,
         "model": "digits 64-256-128-10, seed 0",
         "dense": {"test_accuracy": base, "bytes": dense_bytes},
         "peer": {"source": peer.source, "dense": peer.dense, "levels": peer.levels},
