@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
+use async_nats::client::PublishErrorKind;
 use async_nats::jetstream::kv;
 use async_nats::service::ServiceExt;
 use futures::StreamExt;
@@ -684,27 +685,45 @@ impl Serving {
         }
     }
 
+    /// Publishes records as one batch, or, when the batch is above the server's
+    /// max_payload (wide inputs are sampled into records), as halves until each fits.
     async fn publish_telemetry(&self, model: ModelName, records: Vec<TelemetryRecord>) {
-        let batch = TelemetryBatch {
-            schema_version: lathe_proto::SCHEMA_VERSION,
-            replica: self.inner.settings.replica.clone(),
-            model: model.clone(),
-            records,
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert("Content-Type", "application/msgpack");
-        if let Err(e) = self
-            .inner
-            .res
-            .client
-            .publish_with_headers(
-                names::telemetry_subject(&model),
-                headers,
-                codec::to_msgpack(&batch).into(),
-            )
-            .await
-        {
-            tracing::warn!(%model, error = %e, "Cannot publish telemetry");
+        let mut pending = vec![records];
+        while let Some(records) = pending.pop() {
+            let n = records.len();
+            let batch = TelemetryBatch {
+                schema_version: lathe_proto::SCHEMA_VERSION,
+                replica: self.inner.settings.replica.clone(),
+                model: model.clone(),
+                records,
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert("Content-Type", "application/msgpack");
+            let sent = self
+                .inner
+                .res
+                .client
+                .publish_with_headers(
+                    names::telemetry_subject(&model),
+                    headers,
+                    codec::to_msgpack(&batch).into(),
+                )
+                .await;
+            match sent {
+                Ok(()) => {}
+                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded && n > 1 => {
+                    let mut first = batch.records;
+                    let second = first.split_off(n / 2);
+                    pending.push(second);
+                    pending.push(first);
+                }
+                Err(e) => {
+                    if e.kind() == PublishErrorKind::MaxPayloadExceeded {
+                        self.inner.dropped_telemetry.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::warn!(%model, error = %e, "Cannot publish telemetry");
+                }
+            }
         }
     }
 
@@ -771,6 +790,20 @@ impl Serving {
                     }))
                     .await
                 }
+            };
+            let sent = match sent {
+                // A reply above the server's max_payload cannot be sent at all: the client
+                // gets a 413 naming both sizes instead of waiting for its timeout.
+                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    req.respond(Err(async_nats::service::error::Error {
+                        status: format!(
+                            "the reply is too large for this NATS server ({e}): send fewer rows per request"
+                        ),
+                        code: 413,
+                    }))
+                    .await
+                }
+                other => other,
             };
             if let Err(e) = sent {
                 tracing::debug!(error = %e, "Cannot send an inference reply");

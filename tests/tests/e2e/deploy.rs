@@ -2,8 +2,8 @@
 //! whose endpoint answers as the engine does; a failed gate promotes nothing; a 10 % canary
 //! gets about 10 % of the traffic; rollback reaches every replica; replicas share load; a
 //! redelivered deploy task registers one version; bad requests get errors and the replica
-//! keeps serving; the binary's HTTP front speaks the Open Inference Protocol and is ready
-//! only once its models are loaded.
+//! keeps serving; replies and telemetry respect the server's max_payload; the binary's HTTP
+//! front speaks the Open Inference Protocol and is ready only once its models are loaded.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -619,5 +619,101 @@ async fn the_binary_serves_the_open_inference_protocol_over_http_once_loaded() {
     assert!(text.contains("expected 64 features, got 3"), "{text}");
     let _ = child.kill();
     let _ = child.wait();
+    trainer.stop().await;
+}
+
+/// The OIP JSON request of the first `n` digits test rows (integers, so compact).
+fn oip_request(n: usize) -> Vec<u8> {
+    let (_, flat) = test_rows(n);
+    let data: Vec<i64> = flat.iter().map(|&x| x as i64).collect();
+    serde_json::json!({"inputs": [{"name": "x", "shape": [n, 64], "datatype": "FP32", "data": data}]})
+        .to_string()
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_and_telemetry_respect_the_servers_max_payload() {
+    // A server whose max_payload (16 KiB) is below a 512-record telemetry batch with sampled
+    // inputs and below the reply to a request that itself fits.
+    const MAX_PAYLOAD: usize = 16 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let config = lathe_testkit::write_file(
+        dir.path(),
+        "small.conf",
+        &format!("max_payload: {MAX_PAYLOAD}\n"),
+    );
+    let server = lathe_testkit::NatsServer::start_with(Vec::new(), Some(config));
+    let url = server.url();
+    let res = connect(&url, "client").await;
+    assert_eq!(res.client.server_info().max_payload, MAX_PAYLOAD);
+    let trainer = start_trainer(&url, "t1").await;
+    let settings = lathe_deployer::ServeSettings {
+        telemetry_sample: 1.0,
+        telemetry_flush: Duration::from_millis(500),
+        ..serve_settings("d1")
+    };
+    let deployer = start_deployer(&url, "d1", settings).await;
+    let job = submit(&res, &deploy_spec("small", "digits-s", "")).await;
+    let r = wait_job(&res, job, Duration::from_secs(120)).await;
+    assert_eq!(r.state, JobState::Completed, "{:?}", r.error);
+
+    // Telemetry: 600 single rows, every input sampled, come out in batches that fit.
+    let mut telemetry = res
+        .client
+        .subscribe("lathe.telemetry.digits-s")
+        .await
+        .unwrap();
+    let one = serde_json::json!({"inputs": test_rows(1).0[0]});
+    for _ in 0..600 {
+        ask_json(&res.client, "digits-s", one.clone()).await;
+    }
+    let (mut records, mut batches) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while records < 600 && Instant::now() < deadline {
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), telemetry.next()).await {
+            assert!(m.payload.len() <= MAX_PAYLOAD);
+            let b: lathe_proto::TelemetryBatch = codec::from_msgpack(&m.payload).unwrap();
+            assert!(
+                b.records
+                    .iter()
+                    .all(|r| r.sampled_inputs.iter().all(|i| i.len() == 64))
+            );
+            records += b.records.len();
+            batches += 1;
+        }
+    }
+    assert_eq!(
+        records, 600,
+        "telemetry records delivered ({batches} batches)"
+    );
+    assert!(batches > 1, "the records were split into batches that fit");
+
+    // Replies: measure an OIP reply's bytes per row on a small batch, then send the
+    // largest batch whose request fits: its reply does not, and it gets a 413 naming the
+    // limit instead of a timeout.
+    let small = ask(&res.client, "digits-s", oip_request(8), "application/json")
+        .await
+        .expect("a small batch is answered");
+    let reply_per_row = small.payload.len() as f64 / 8.0;
+    let n = (1..1024)
+        .take_while(|&n| oip_request(n).len() < MAX_PAYLOAD - 512)
+        .last()
+        .unwrap();
+    assert!(
+        reply_per_row * n as f64 > 1.1 * MAX_PAYLOAD as f64,
+        "test premise: {n} rows reply about {} B",
+        reply_per_row * n as f64
+    );
+    let (code, message) = ask(&res.client, "digits-s", oip_request(n), "application/json")
+        .await
+        .expect_err("the reply is too large");
+    assert_eq!(code, "413", "{message}");
+    assert!(message.contains("send fewer rows"), "{message}");
+    assert!(message.contains(&MAX_PAYLOAD.to_string()), "{message}");
+    // The replica keeps serving.
+    ask(&res.client, "digits-s", oip_request(8), "application/json")
+        .await
+        .expect("served after the refusal");
+    deployer.stop().await;
     trainer.stop().await;
 }
