@@ -273,6 +273,18 @@ def main():
         if jpm:
             text += "\n\n" + md_table(["replicas per stage", "jobs per minute"],
                                         [[k, fmt(v)] for k, v in jpm.items()])
+        share = pipeline.get("orchestration_share_of_wall")
+        if isinstance(share, (int, float)):
+            text += f"\n\nOrchestration (all hops) is {100 * share:.2f} % of the whole-job wall time."
+        io = pipeline.get("artifact_io", [])
+        if io:
+            text += "\n\n" + md_table(["artifact", "bytes", "get p50 ms", "put p50 ms"],
+                                        [[a["artifact"], f"{a['bytes']:,}", fmt(a["get_p50_ms"]),
+                                          fmt(a["put_p50_ms"])] for a in io])
+        setup = pipeline.get("setup")
+        if setup:
+            text += f"\n\n{setup}; {pipeline.get('cores', '?')} cores; jobs per minute from " \
+                    f"{pipeline.get('jobs_at_once', '?')} jobs submitted at once."
         sections.append(f"## The pipeline ({pipeline.get('job', 'digits chain')})\n\n" + text)
 
     report = "# lathe benchmarks\n\n" + header + "\n" + "\n\n".join(sections) + "\n"
