@@ -36,51 +36,28 @@ const SERVICES: [(Stage, &str); 6] = [
     (Stage::Monitor, "lathe-monitor"),
 ];
 
+/// The pipeline benchmark's settings.
+#[derive(clap::Parser)]
+#[command(
+    name = "lathe-pipeline-bench",
+    about = "The whole digits chain, one process per stage"
+)]
 struct Args {
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "bench/results/pipeline.json")]
     out: PathBuf,
     /// Jobs run one after another for the per-stage and per-hop figures.
-    sequential: usize,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    sequential: u64,
     /// Jobs submitted at once for the jobs-per-minute figures.
-    batch: usize,
-    /// Overrides of the demo spec's epochs.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    batch: u64,
+    /// Overrides the demo spec's training epochs.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     train_epochs: Option<u32>,
+    /// Overrides the demo spec's distillation epochs.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     distill_epochs: Option<u32>,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut a = Args {
-        out: PathBuf::from("bench/results/pipeline.json"),
-        sequential: 5,
-        batch: 8,
-        train_epochs: None,
-        distill_epochs: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        let count = |flag: &str, v: String| {
-            v.parse::<usize>()
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or(format!("{flag} must be a positive integer, got {v:?}"))
-        };
-        match flag.as_str() {
-            "--out" => a.out = PathBuf::from(value()?),
-            "--sequential" => a.sequential = count("--sequential", value()?)?,
-            "--batch" => a.batch = count("--batch", value()?)?,
-            "--train-epochs" => a.train_epochs = Some(count("--train-epochs", value()?)? as u32),
-            "--distill-epochs" => {
-                a.distill_epochs = Some(count("--distill-epochs", value()?)? as u32)
-            }
-            "-h" | "--help" => {
-                return Err("usage: lathe-pipeline-bench [--out PATH] [--sequential N] \
-                     [--batch N] [--train-epochs N] [--distill-epochs N]"
-                    .into());
-            }
-            other => return Err(format!("unknown argument {other:?} (see --help)")),
-        }
-    }
-    Ok(a)
 }
 
 /// The demo's digits chain with its own model name (and the epochs asked for).
@@ -321,7 +298,7 @@ async fn batch(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
-    let args = parse_args()?;
+    let args = <Args as clap::Parser>::parse();
     let server = lathe_testkit::NatsServer::start();
     let url = server.url();
     let res = service::start(

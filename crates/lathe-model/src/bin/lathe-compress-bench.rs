@@ -457,7 +457,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     };
     let peer_int8 = peer.int8;
     println!(
-        "\nquantization (biases stay f32); peer dynamic int8: {}",
+        "\nquantization (scales bfloat16, biases floating point at half precision); peer dynamic int8: {}",
         peer_int8.map_or("—".into(), |(a, b, pa, pb)| format!(
             "dense {:.2} % / {b:.0} B, pruned 90 % + int8 {:.2} % / {pb:.0} B",
             a * 100.0,
