@@ -26,13 +26,15 @@ lint:
 
 # Benchmarks: prints tables, writes JSON and a Markdown summary under bench/results/. The
 # PyTorch peer runs beside them when a Python with torch is found (LATHE_PEER_PYTHON).
+# One workspace build first: building each package alone would resolve other features and
+# rebuild the dependencies several times over.
 bench:
     mkdir -p bench/results
-    RAYON_NUM_THREADS=1 cargo run --release -p lathe-model --bin lathe-model-bench -- --out bench/results/model.json
-    RAYON_NUM_THREADS=1 cargo run --release -p lathe-model --bin lathe-distill-bench -- --out bench/results/distill.json
-    RAYON_NUM_THREADS=1 cargo run --release -p lathe-model --bin lathe-compress-bench -- --out bench/results/compress.json
-    cargo run --release -p lathe-deployer --bin lathe-serve-bench -- --out bench/results/serve.json
     cargo build --release --workspace --bins
+    RAYON_NUM_THREADS=1 target/release/lathe-model-bench --out bench/results/model.json
+    RAYON_NUM_THREADS=1 target/release/lathe-distill-bench --out bench/results/distill.json
+    RAYON_NUM_THREADS=1 target/release/lathe-compress-bench --out bench/results/compress.json
+    target/release/lathe-serve-bench --out bench/results/serve.json
     target/release/lathe-pipeline-bench --out bench/results/pipeline.json
     python3 bench/report.py
 
