@@ -24,10 +24,10 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Benchmarks: prints tables, writes JSON and a Markdown summary under bench/results/. The
+# One release build of the workspace first (building each package alone resolves other
+# features and rebuilds the dependencies several times over), then every bench binary. The
 # PyTorch peer runs beside them when a Python with torch is found (LATHE_PEER_PYTHON).
-# One workspace build first: building each package alone would resolve other features and
-# rebuild the dependencies several times over.
+# Benchmarks: tables, JSON, a Markdown summary and an SVG chart under bench/results/.
 bench:
     mkdir -p bench/results
     cargo build --release --workspace --bins
