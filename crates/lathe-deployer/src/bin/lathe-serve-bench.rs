@@ -188,6 +188,37 @@ async fn echo(url: &str, stop: CancellationToken) -> Result<(), Box<dyn Error>> 
     Ok(())
 }
 
+/// The same echo as a NATS service endpoint (the async-nats `service` API the deployer
+/// uses, queue group and request statistics included), on its own connection: how much of
+/// lathe's overhead is the service API's own.
+async fn service_echo(url: &str, stop: CancellationToken) -> Result<(), Box<dyn Error>> {
+    use async_nats::service::ServiceExt;
+    let c = async_nats::connect(url).await?;
+    let service = c
+        .service_builder()
+        .queue_group("echo")
+        .start("bench-echo", "0.1.0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut endpoint = service
+        .endpoint("bench.service-echo")
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        loop {
+            let r = tokio::select! {
+                r = endpoint.next() => r,
+                _ = stop.cancelled() => None,
+            };
+            let Some(r) = r else { break };
+            let payload = r.message.payload.clone();
+            let _ = r.respond(Ok(payload)).await;
+        }
+        let _ = service.stop().await;
+    });
+    Ok(())
+}
+
 async fn replica(url: &str, id: &str, stop: CancellationToken) -> Result<Serving, Box<dyn Error>> {
     let res = provisioned(url, id).await?;
     let serving = Serving::new(
@@ -289,6 +320,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
     // The echo carries the same bytes as the single-row request, and the two are measured
     // in alternating blocks so that both see the same machine (a loaded 2-core box drifts).
     let (echo_row, infer_row) = paired(&client, "bench.echo", subject, &json_row, n).await?;
+    service_echo(&url, stop.clone()).await?;
+    let (echo_row2, service_echo_row) =
+        paired(&client, "bench.echo", "bench.service-echo", &json_row, n).await?;
     let infer_row_mp = sequential(&client, subject, &msgpack_row, n).await?;
     let echo_batch = sequential(&client, "bench.echo", &json_batch, n / 5).await?;
     let infer_batch = sequential(&client, subject, &json_batch, n / 5).await?;
@@ -316,10 +350,19 @@ async fn main() -> Result<(), Box<dyn Error>> {
         &in_process,
     );
     line("lathe.infer, one row (JSON)", &infer_row);
+    line(
+        "echo as a NATS service endpoint (service API)",
+        &service_echo_row,
+    );
+    line("echo, beside the service echo", &echo_row2);
     line("lathe.infer, one row (MessagePack)", &infer_row_mp);
     line(&format!("echo, {} B", json_batch.len()), &echo_batch);
     line("lathe.infer, batch of 64 (JSON)", &infer_batch);
     println!("single-row p50 / echo p50: {ratio:.2}× (goal ≤ 1.3×)");
+    println!(
+        "service-API echo p50 / echo p50: {:.2}× (the part of the ratio the service API itself adds)",
+        service_echo_row.p50_us / echo_row2.p50_us
+    );
     println!(
         "{:<44} {:>10} {:>10}",
         format!("throughput, {k} in flight (req/s)"),
@@ -341,6 +384,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "echo_single": echo_row,
         "in_process_single_json": in_process,
         "infer_single_json": infer_row,
+        "service_echo_single": service_echo_row,
+        "echo_single_beside_service_echo": echo_row2,
         "infer_single_msgpack": infer_row_mp,
         "echo_batch64_bytes": echo_batch,
         "infer_batch64_json": infer_batch,
