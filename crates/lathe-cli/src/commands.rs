@@ -354,25 +354,26 @@ async fn demo(g: &Global) -> anyhow::Result<ExitCode> {
         && record.state == JobState::Completed
     {
         for step in &record.steps {
-            let accuracy = step
-                .metrics
-                .get("test_accuracy")
-                .copied()
-                .unwrap_or(f64::NAN);
-            let bytes = step
-                .metrics
-                .get("artifact_bytes")
-                .copied()
-                .unwrap_or(f64::NAN);
             let what = if step.stage == lathe_proto::Stage::Train {
                 "trained model"
             } else {
                 step.stage.as_str()
             };
-            println!(
-                "{what}: test accuracy {:.2} %, artifact {bytes} bytes",
-                accuracy * 100.0
-            );
+            let m = |k: &str| step.metrics.get(k).copied();
+            match (m("test_accuracy"), m("artifact_bytes")) {
+                (Some(accuracy), Some(bytes)) => println!(
+                    "{what}: test accuracy {:.2} %, artifact {bytes} bytes",
+                    accuracy * 100.0
+                ),
+                // The monitor's step measures the live endpoint, not an artifact.
+                _ => match (m("smoke_accuracy"), m("smoke_rows")) {
+                    (Some(accuracy), Some(rows)) => println!(
+                        "{what}: smoke test through the live endpoint, {:.2} % of {rows} rows right",
+                        accuracy * 100.0
+                    ),
+                    _ => println!("{what}: {:?}", step.state),
+                },
+            }
         }
     }
     if let Some((record, _)) = res.jobs.get(job).await?
