@@ -360,19 +360,22 @@ async fn demo(g: &Global) -> anyhow::Result<ExitCode> {
                 step.stage.as_str()
             };
             let m = |k: &str| step.metrics.get(k).copied();
-            match (m("test_accuracy"), m("artifact_bytes")) {
-                (Some(accuracy), Some(bytes)) => println!(
+            match (
+                m("test_accuracy"),
+                m("artifact_bytes"),
+                m("smoke_accuracy"),
+                m("smoke_rows"),
+            ) {
+                (Some(accuracy), Some(bytes), _, _) => println!(
                     "{what}: test accuracy {:.2} %, artifact {bytes} bytes",
                     accuracy * 100.0
                 ),
                 // The monitor's step measures the live endpoint, not an artifact.
-                _ => match (m("smoke_accuracy"), m("smoke_rows")) {
-                    (Some(accuracy), Some(rows)) => println!(
-                        "{what}: smoke test through the live endpoint, {:.2} % of {rows} rows right",
-                        accuracy * 100.0
-                    ),
-                    _ => println!("{what}: {:?}", step.state),
-                },
+                (_, _, Some(accuracy), Some(rows)) => println!(
+                    "{what}: smoke test through the live endpoint, {:.2} % of {rows} rows right",
+                    accuracy * 100.0
+                ),
+                _ => println!("{what}: {:?}", step.state),
             }
         }
     }

@@ -158,9 +158,9 @@ impl Route {
 
 /// What a served request gives back.
 pub struct Served {
+    /// The reply, which names the version that answered.
     pub bytes: Vec<u8>,
     pub content_type: &'static str,
-    pub version: u32,
 }
 
 #[derive(Default)]
@@ -579,7 +579,6 @@ impl Serving {
                 Ok(Served {
                     bytes,
                     content_type: ct,
-                    version: target.version,
                 })
             }
             Err(e) => {
@@ -678,9 +677,11 @@ impl Serving {
         for r in records {
             by_model.entry(r.model.clone()).or_default().push(r);
         }
-        for (model, records) in by_model {
-            for chunk in records.chunks(MAX_BATCH) {
-                self.publish_telemetry(model.clone(), chunk.to_vec()).await;
+        for (model, mut records) in by_model {
+            while !records.is_empty() {
+                let rest = records.split_off(records.len().min(MAX_BATCH));
+                self.publish_telemetry(model.clone(), records).await;
+                records = rest;
             }
         }
     }

@@ -816,51 +816,28 @@ enum StoredTensor {
 pub const MAX_TENSOR_ELEMENTS: usize = 1 << 27;
 
 /// A value's MessagePack size, for [`Artifact::byte_breakdown`].
-mod erased {
-    pub trait Encode {
-        fn encoded_len(&self) -> usize;
-    }
-    impl<T: serde::Serialize> Encode for T {
-        fn encoded_len(&self) -> usize {
-            rmp_serde::to_vec_named(self).map_or(0, |b| b.len())
-        }
-    }
+fn encoded_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    rmp_serde::to_vec_named(value).map_or(0, |b| b.len())
 }
 
-/// A weight's stored bytes as (values, non-zero positions, scales and zero points).
+/// A weight's stored bytes as (values, non-zero positions, scales and zero points), read
+/// off the same stored form the artifact writes.
 fn tensor_parts(t: &TensorData) -> (usize, usize, usize) {
-    use erased::Encode;
-    let positions = |shape: &[usize], indices: &[u32]| {
-        let (elements, cols) = shape_extent(shape).unwrap_or((0, 1));
-        crate::codec::encode_positions(indices, elements, cols).len()
-    };
-    match t {
-        TensorData::DenseF32 { values, .. } => (crate::codec::encode_f32(values).len(), 0, 0),
-        TensorData::SparseF32 {
-            shape,
-            indices,
-            values,
-        } => (
-            crate::codec::encode_f32(values).len(),
-            positions(shape, indices),
-            0,
-        ),
-        TensorData::QuantizedInt {
-            shape,
+    match t.stored() {
+        StoredTensor::DenseF32 { values, .. } => (values.len(), 0, 0),
+        StoredTensor::SparseF32 {
+            positions, values, ..
+        } => (values.len(), positions.len(), 0),
+        StoredTensor::QuantizedInt {
             scales,
             zero_points,
-            sparse,
-            indices,
+            positions,
             data,
             ..
         } => (
-            crate::codec::encode_bytes(data).len(),
-            if *sparse {
-                positions(shape, indices)
-            } else {
-                0
-            },
-            crate::codec::encode_f32(scales).len() + zero_points.encoded_len(),
+            data.len(),
+            positions.len(),
+            scales.len() + encoded_len(&zero_points),
         ),
     }
 }
@@ -882,14 +859,15 @@ fn shape_extent(shape: &[usize]) -> Result<(usize, usize), String> {
     Ok((elements, shape.last().copied().unwrap_or(1)))
 }
 
-impl Serialize for TensorData {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+impl TensorData {
+    /// The tensor as the artifact stores it: each stream entropy-coded (module docs).
+    fn stored(&self) -> StoredTensor {
         use crate::codec::{encode_bytes, encode_f32, encode_positions};
         let positions = |shape: &[usize], indices: &[u32]| {
             let (elements, cols) = shape_extent(shape).unwrap_or((0, 1));
             encode_positions(indices, elements, cols)
         };
-        let stored = match self {
+        match self {
             TensorData::DenseF32 { shape, values } => StoredTensor::DenseF32 {
                 shape: shape.clone(),
                 values: encode_f32(values),
@@ -926,8 +904,13 @@ impl Serialize for TensorData {
                 },
                 data: encode_bytes(data),
             },
-        };
-        stored.serialize(serializer)
+        }
+    }
+}
+
+impl Serialize for TensorData {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.stored().serialize(serializer)
     }
 }
 
@@ -1214,6 +1197,25 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ArtifactError
     }
 }
 
+/// Frames a body as an artifact file: header, the body (zstd-compressed when that is
+/// smaller), SHA-256 of everything before it.
+fn seal(body: &[u8]) -> Vec<u8> {
+    let compressed = zstd::encode_all(body, ZSTD_LEVEL).ok();
+    let (encoding, body) = match &compressed {
+        Some(c) if c.len() < body.len() => (ENCODING_ZSTD_MSGPACK, c.as_slice()),
+        _ => (ENCODING_MSGPACK, body),
+    };
+    let mut bytes = Vec::with_capacity(HEADER_LEN + body.len() + DIGEST_LEN);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    bytes.push(encoding);
+    bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(body);
+    let digest = Sha256::digest(&bytes);
+    bytes.extend_from_slice(&digest);
+    bytes
+}
+
 /// The SHA-256 of `bytes` as lowercase hex: the digest the object store and task messages
 /// carry for an artifact file.
 pub fn digest_hex(bytes: &[u8]) -> String {
@@ -1412,7 +1414,6 @@ impl Artifact {
     /// zstd-compressed, the parts are scaled to the compressed size, so the shares always sum
     /// to [`Artifact::to_bytes`]'s length.
     pub fn byte_breakdown(&self) -> Vec<(String, usize)> {
-        let size = |v: &dyn erased::Encode| v.encoded_len();
         let mut parts: Vec<(String, usize)> = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
             let (values, positions, scales) = tensor_parts(&l.weight);
@@ -1423,24 +1424,24 @@ impl Artifact {
             if scales > 0 {
                 parts.push((format!("layer {i} weight scales"), scales));
             }
-            parts.push((format!("layer {i} bias"), size(&l.bias)));
+            parts.push((format!("layer {i} bias"), encoded_len(&l.bias)));
         }
-        parts.push(("preprocessing".into(), size(&self.preprocessing)));
-        parts.push(("drift reference".into(), size(&self.reference)));
+        parts.push(("preprocessing".into(), encoded_len(&self.preprocessing)));
+        parts.push(("drift reference".into(), encoded_len(&self.reference)));
         parts.push((
             "lineage and metrics".into(),
-            size(&self.lineage) + size(&self.metrics),
+            encoded_len(&self.lineage) + encoded_len(&self.metrics),
         ));
         parts.push((
             "feature names and class labels".into(),
-            size(&self.feature_names) + size(&self.class_labels),
+            encoded_len(&self.feature_names) + encoded_len(&self.class_labels),
         ));
-        let total = self.to_bytes().len();
-        let body = rmp_serde::to_vec_named(self).map_or(0, |b| b.len());
-        let stored_body = total.saturating_sub(HEADER_LEN + DIGEST_LEN);
-        if stored_body < body {
+        let body = self.body();
+        let total = seal(&body).len();
+        let stored_body = total - HEADER_LEN - DIGEST_LEN;
+        if stored_body < body.len() {
             // zstd shrank the body: scale the parts to what they take in it.
-            let f = stored_body as f64 / body.max(1) as f64;
+            let f = stored_body as f64 / body.len().max(1) as f64;
             for (_, n) in &mut parts {
                 *n = (*n as f64 * f).round() as usize;
             }
@@ -1452,24 +1453,15 @@ impl Artifact {
 
     /// Encodes the artifact in the current byte format (see the module docs).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let body = rmp_serde::to_vec_named(self)
+        seal(&self.body())
+    }
+
+    /// The body: the artifact as MessagePack with named fields.
+    fn body(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self)
             // Every field is a plain struct, enum, string, number or map with string keys,
             // which MessagePack always encodes.
-            .expect("artifact serializes to MessagePack");
-        let compressed = zstd::encode_all(body.as_slice(), ZSTD_LEVEL).ok();
-        let (encoding, body) = match compressed {
-            Some(c) if c.len() < body.len() => (ENCODING_ZSTD_MSGPACK, c),
-            _ => (ENCODING_MSGPACK, body),
-        };
-        let mut bytes = Vec::with_capacity(HEADER_LEN + body.len() + DIGEST_LEN);
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        bytes.push(encoding);
-        bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&body);
-        let digest = Sha256::digest(&bytes);
-        bytes.extend_from_slice(&digest);
-        bytes
+            .expect("artifact serializes to MessagePack")
     }
 
     /// Decodes and validates an artifact. Checks, in order: the magic, the version, the

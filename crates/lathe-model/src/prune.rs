@@ -649,28 +649,22 @@ fn remove_dead_neurons(mut layers: Vec<HostLayer>) -> Vec<HostLayer> {
     for l in 0..layers.len().saturating_sub(1) {
         let n_out = layers[l].n_out;
         let n_in = layers[l].n_in;
-        let next_out = layers[l + 1].n_out;
+        // A neuron without inputs outputs the constant relu(bias): it moves into the next
+        // layer's biases and its outgoing weights become zero, so the cut below takes it.
+        let (left, right) = layers.split_at_mut(l + 1);
+        let (this, next) = (&left[l], &mut right[0]);
         for j in 0..n_out {
-            let this = &layers[l];
-            let incoming_zero = this.w[j * n_in..(j + 1) * n_in].iter().all(|w| *w == 0.0);
-            let constant = this.b[j].max(0.0);
-            if incoming_zero && constant != 0.0 {
-                let next = &mut layers[l + 1];
-                for o in 0..next_out {
-                    let w = next.w[o * n_out + j];
-                    next.b[o] += constant * w;
+            if this.w[j * n_in..(j + 1) * n_in].iter().all(|w| *w == 0.0) {
+                let constant = this.b[j].max(0.0);
+                for o in 0..next.n_out {
+                    next.b[o] += constant * next.w[o * n_out + j];
                     next.w[o * n_out + j] = 0.0;
                 }
             }
         }
-        let (this, next) = (&layers[l], &layers[l + 1]);
+        let next = &layers[l + 1];
         let mut keep: Vec<usize> = (0..n_out)
-            .filter(|&j| {
-                let incoming_zero = this.w[j * n_in..(j + 1) * n_in].iter().all(|w| *w == 0.0);
-                // A neuron with no inputs and a non-positive bias outputs 0: dead too.
-                let silent = incoming_zero && this.b[j] <= 0.0;
-                !silent && (0..next.n_out).any(|o| next.w[o * n_out + j] != 0.0)
-            })
+            .filter(|&j| (0..next.n_out).any(|o| next.w[o * n_out + j] != 0.0))
             .collect();
         if keep.is_empty() {
             keep.push(0);

@@ -26,16 +26,6 @@ use lathe_runtime::{NatsSettings, Resources, WorkerSettings, service};
 
 const CHAIN: &str = include_str!("../../../../proto/examples/valid/digits-chain.json");
 
-/// The stage services, in chain order.
-const SERVICES: [(Stage, &str); 6] = [
-    (Stage::Train, "lathe-trainer"),
-    (Stage::Distill, "lathe-distiller"),
-    (Stage::Prune, "lathe-pruner"),
-    (Stage::Quantize, "lathe-quantizer"),
-    (Stage::Deploy, "lathe-deployer"),
-    (Stage::Monitor, "lathe-monitor"),
-];
-
 /// The pipeline benchmark's settings.
 #[derive(clap::Parser)]
 #[command(
@@ -60,25 +50,24 @@ struct Args {
     distill_epochs: Option<u32>,
 }
 
-/// The demo's digits chain with its own model name (and the epochs asked for).
-fn spec(args: &Args, name: &str) -> Result<Vec<u8>, Box<dyn Error>> {
+/// The demo's digits chain with the epochs asked for.
+fn base_spec(args: &Args) -> Result<serde_json::Value, Box<dyn Error>> {
     let mut s: serde_json::Value = serde_json::from_str(CHAIN)?;
-    s["name"] = name.into();
     if let Some(e) = args.train_epochs {
         s["train"]["epochs"] = e.into();
     }
     if let Some(e) = args.distill_epochs {
         s["distill"]["epochs"] = e.into();
     }
-    s["deploy"]["model"] = name.into();
-    Ok(serde_json::to_vec(&s)?)
+    Ok(s)
 }
 
-/// The spec's epochs, as `(train, distill)`, for the report.
-fn epochs(args: &Args) -> Result<(u64, u64), Box<dyn Error>> {
-    let s: serde_json::Value = serde_json::from_slice(&spec(args, "x")?)?;
-    let e = |stage: &str| s[stage]["epochs"].as_u64().unwrap_or(0);
-    Ok((e("train"), e("distill")))
+/// The chain as one job: its own name and model.
+fn spec(base: &serde_json::Value, name: &str) -> Vec<u8> {
+    let mut s = base.clone();
+    s["name"] = name.into();
+    s["deploy"]["model"] = name.into();
+    s.to_string().into_bytes()
 }
 
 /// The stage processes of one replica set, killed when dropped.
@@ -99,8 +88,8 @@ fn spawn_replicas(url: &str, set: usize) -> Result<Replicas, Box<dyn Error>> {
         .ok_or("the executable has no directory")?
         .to_path_buf();
     let mut children = Vec::new();
-    for (stage, bin) in SERVICES {
-        let path = dir.join(bin);
+    for stage in Stage::ALL {
+        let path = dir.join(stage.service_name());
         if !path.is_file() {
             return Err(format!(
                 "{} is missing: build the services first (cargo build --release --workspace --bins)",
@@ -125,7 +114,7 @@ fn spawn_replicas(url: &str, set: usize) -> Result<Replicas, Box<dyn Error>> {
 /// replica keeps one open).
 async fn wait_idle_workers(res: &Resources, replicas: usize) -> Result<(), Box<dyn Error>> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    for (stage, _) in SERVICES {
+    for stage in Stage::ALL {
         loop {
             let mut c: async_nats::jetstream::consumer::PullConsumer = res
                 .js
@@ -196,49 +185,50 @@ fn summary(what: impl Into<String>, mut ms: Vec<f64>) -> Summary {
 }
 
 /// Per-stage compute and per-hop overhead of completed jobs (from their records, in ms).
+/// Steps are keyed by position; a hop is labelled with the stages it joins.
 fn timings(records: &[JobRecord]) -> (Vec<Summary>, Vec<Summary>, Vec<f64>, Vec<f64>) {
-    let mut compute: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
-    let mut hops: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut compute: BTreeMap<usize, (String, Vec<f64>)> = BTreeMap::new();
+    let mut hops: BTreeMap<usize, (String, Vec<f64>)> = BTreeMap::new();
     let mut walls = Vec::new();
     let mut overheads = Vec::new();
     for r in records {
-        let mut previous_end = r.submitted_at_ms;
+        let mut previous = ("submit".to_string(), r.submitted_at_ms);
         let mut overhead = 0.0;
         for (i, s) in r.steps.iter().enumerate() {
             let (Some(a), Some(b)) = (s.started_at_ms, s.finished_at_ms) else {
                 continue;
             };
-            let hop = a.saturating_sub(previous_end) as f64;
-            hops.entry(i).or_default().push(hop);
+            let hop = a.saturating_sub(previous.1) as f64;
+            hops.entry(i)
+                .or_insert_with(|| (format!("{} → {}", previous.0, s.stage), Vec::new()))
+                .1
+                .push(hop);
             compute
                 .entry(i)
-                .or_default()
+                .or_insert_with(|| (s.stage.to_string(), Vec::new()))
+                .1
                 .push(b.saturating_sub(a) as f64);
             overhead += hop;
-            previous_end = b;
+            previous = (s.stage.to_string(), b);
         }
         if let Some(end) = r.finished_at_ms {
             walls.push(end.saturating_sub(r.submitted_at_ms) as f64);
             overheads.push(overhead);
         }
     }
-    let stage_of = |i: usize| SERVICES.get(i).map_or("?".into(), |(s, _)| s.to_string());
-    let compute = compute
-        .into_iter()
-        .map(|(i, v)| summary(stage_of(i), v))
-        .collect();
-    let hops = hops
-        .into_iter()
-        .map(|(i, v)| {
-            let from = if i == 0 {
-                "submit".to_string()
-            } else {
-                stage_of(i - 1)
-            };
-            summary(format!("{from} → {}", stage_of(i)), v)
-        })
-        .collect();
-    (compute, hops, walls, overheads)
+    let summaries = |m: BTreeMap<usize, (String, Vec<f64>)>| {
+        m.into_values().map(|(what, v)| summary(what, v)).collect()
+    };
+    (summaries(compute), summaries(hops), walls, overheads)
+}
+
+/// One artifact's object-store round trips.
+#[derive(serde::Serialize)]
+struct ArtifactIo {
+    artifact: String,
+    bytes: usize,
+    get_p50_ms: f64,
+    put_p50_ms: f64,
 }
 
 /// Put and get of each of a job's artifacts through the object store, `k` times each.
@@ -246,7 +236,7 @@ async fn artifact_io(
     res: &Resources,
     record: &JobRecord,
     k: usize,
-) -> Result<Vec<serde_json::Value>, Box<dyn Error>> {
+) -> Result<Vec<ArtifactIo>, Box<dyn Error>> {
     let mut out = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for s in &record.steps {
@@ -266,13 +256,12 @@ async fn artifact_io(
                 .await?;
             put.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        let (g, p) = (summary("get", get), summary("put", put));
-        out.push(serde_json::json!({
-            "artifact": s.stage.to_string(),
-            "bytes": bytes.len(),
-            "get_p50_ms": g.p50_ms,
-            "put_p50_ms": p.p50_ms,
-        }));
+        out.push(ArtifactIo {
+            artifact: s.stage.to_string(),
+            bytes: bytes.len(),
+            get_p50_ms: summary("get", get).p50_ms,
+            put_p50_ms: summary("put", put).p50_ms,
+        });
     }
     Ok(out)
 }
@@ -280,25 +269,27 @@ async fn artifact_io(
 /// Submits `n` jobs at once and waits for all: jobs per minute.
 async fn batch(
     res: &Resources,
-    args: &Args,
+    base: &serde_json::Value,
+    n: u64,
     tag: &str,
 ) -> Result<(f64, Vec<JobRecord>), Box<dyn Error>> {
     let t = Instant::now();
     let mut jobs = Vec::new();
-    for i in 0..args.batch {
-        jobs.push(submit(res, spec(args, &format!("bench-{tag}-{i}"))?).await?);
+    for i in 0..n {
+        jobs.push(submit(res, spec(base, &format!("bench-{tag}-{i}"))).await?);
     }
     let mut records = Vec::new();
     for j in jobs {
         records.push(wait_done(res, j).await?);
     }
     let minutes = t.elapsed().as_secs_f64() / 60.0;
-    Ok((args.batch as f64 / minutes, records))
+    Ok((n as f64 / minutes, records))
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
     let args = <Args as clap::Parser>::parse();
+    let base = base_spec(&args)?;
     let server = lathe_testkit::NatsServer::start();
     let url = server.url();
     let res = service::start(
@@ -314,13 +305,13 @@ async fn main() -> Result<(), Box<dyn Error>> {
     eprintln!("pipeline: one replica of each stage; a warm-up job …");
     let first = spawn_replicas(&url, 1)?;
     wait_idle_workers(&res, 1).await?;
-    let warm = submit(&res, spec(&args, "bench-warmup")?).await?;
+    let warm = submit(&res, spec(&base, "bench-warmup")).await?;
     let warm = wait_done(&res, warm).await?;
 
     eprintln!("pipeline: {} jobs one after another …", args.sequential);
     let mut records = Vec::new();
     for i in 0..args.sequential {
-        let job = submit(&res, spec(&args, &format!("bench-seq-{i}"))?).await?;
+        let job = submit(&res, spec(&base, &format!("bench-seq-{i}"))).await?;
         records.push(wait_done(&res, job).await?);
     }
     let (compute, hops, walls, overheads) = timings(&records);
@@ -331,14 +322,14 @@ async fn main() -> Result<(), Box<dyn Error>> {
         args.batch
     );
     wait_idle_workers(&res, 1).await?;
-    let (jpm1, _) = batch(&res, &args, "r1").await?;
+    let (jpm1, _) = batch(&res, &base, args.batch, "r1").await?;
     eprintln!(
         "pipeline: {} jobs at once, 2 replicas per stage …",
         args.batch
     );
     let second = spawn_replicas(&url, 2)?;
     wait_idle_workers(&res, 2).await?;
-    let (jpm2, records2) = batch(&res, &args, "r2").await?;
+    let (jpm2, records2) = batch(&res, &base, args.batch, "r2").await?;
     let workers: std::collections::BTreeSet<String> = records2
         .iter()
         .flat_map(|r| r.steps.iter().filter_map(|s| s.worker.clone()))
@@ -346,7 +337,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
     drop(second);
     drop(first);
 
-    let (train_epochs, distill_epochs) = epochs(&args)?;
+    let epochs = |stage: &str| base[stage]["epochs"].as_u64().unwrap_or(0);
+    let (train_epochs, distill_epochs) = (epochs("train"), epochs("distill"));
     let wall = summary("whole job (accepted → completed)", walls.clone());
     let overhead = summary("orchestration, all hops", overheads.clone());
     println!();
@@ -382,10 +374,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     for a in &io {
         println!(
             "{:<12} {:>10} {:>12.2} {:>12.2}",
-            a["artifact"].as_str().unwrap_or("?"),
-            a["bytes"],
-            a["get_p50_ms"].as_f64().unwrap_or(0.0),
-            a["put_p50_ms"].as_f64().unwrap_or(0.0)
+            a.artifact, a.bytes, a.get_p50_ms, a.put_p50_ms
         );
     }
     println!(

@@ -79,6 +79,28 @@ fn latency(mut us: Vec<f64>) -> Latency {
     }
 }
 
+/// `warm` untimed requests, then `n` timed ones, one at a time; each round trip in µs
+/// goes to `us`.
+async fn timed(
+    client: &async_nats::Client,
+    subject: &str,
+    body: &Bytes,
+    warm: usize,
+    n: usize,
+    us: &mut Vec<f64>,
+) -> Result<(), Box<dyn Error>> {
+    for _ in 0..warm {
+        check(client.request(subject.to_string(), body.clone()).await?)?;
+    }
+    for _ in 0..n {
+        let t = Instant::now();
+        let reply = client.request(subject.to_string(), body.clone()).await?;
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+        check(reply)?;
+    }
+    Ok(())
+}
+
 /// One request at a time; every round trip timed, after a warm-up.
 async fn sequential(
     client: &async_nats::Client,
@@ -86,16 +108,8 @@ async fn sequential(
     body: &Bytes,
     n: usize,
 ) -> Result<Latency, Box<dyn Error>> {
-    for _ in 0..n.min(500) {
-        check(client.request(subject.to_string(), body.clone()).await?)?;
-    }
     let mut us = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        let reply = client.request(subject.to_string(), body.clone()).await?;
-        us.push(t.elapsed().as_secs_f64() * 1e6);
-        check(reply)?;
-    }
+    timed(client, subject, body, n.min(500), n, &mut us).await?;
     Ok(latency(us))
 }
 
@@ -125,16 +139,8 @@ async fn paired(
         let order = if block % 2 == 0 { [a, b] } else { [b, a] };
         for subject in order {
             // The first requests of a block wake the responder; they are not counted.
-            for _ in 0..10 {
-                check(client.request(subject.to_string(), body.clone()).await?)?;
-            }
-            for _ in 0..BLOCK.min(n - block * BLOCK) {
-                let t = Instant::now();
-                let reply = client.request(subject.to_string(), body.clone()).await?;
-                let us = t.elapsed().as_secs_f64() * 1e6;
-                check(reply)?;
-                if subject == a { &mut ua } else { &mut ub }.push(us);
-            }
+            let us = if subject == a { &mut ua } else { &mut ub };
+            timed(client, subject, body, 10, BLOCK.min(n - block * BLOCK), us).await?;
         }
     }
     Ok((latency(ua), latency(ub)))
