@@ -13,19 +13,7 @@ use lathe_model::data::Standardizer;
 use lathe_model::quantize::quantize_tensor;
 use lathe_model::{Artifact, Engine, MlpConfig};
 use libfuzzer_sys::fuzz_target;
-use sha2::{Digest, Sha256};
 
-/// A header with a correct length, the body, and its digest.
-fn seal(encoding: u8, body: &[u8]) -> Vec<u8> {
-    let mut bytes = b"LATHEART".to_vec();
-    bytes.extend_from_slice(&2u16.to_le_bytes());
-    bytes.push(encoding);
-    bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(body);
-    let digest = Sha256::digest(&bytes);
-    bytes.extend_from_slice(&digest);
-    bytes
-}
 
 /// MessagePack bodies of a small 6-5-3 model in each storage the stages write.
 fn bodies() -> &'static [Vec<u8>] {
@@ -92,7 +80,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&first, rest)) = data.split_first() else {
         return;
     };
-    check(&seal(first & 1, rest));
+    check(&lathe_model::artifact::frame(first & 1, rest));
     // Edits of a real body: (position high, position low, value) triples.
     let bodies = bodies();
     let mut body = bodies[first as usize % bodies.len()].clone();
@@ -100,5 +88,5 @@ fuzz_target!(|data: &[u8]| {
         let at = u16::from_le_bytes([edit[0], edit[1]]) as usize % body.len();
         body[at] = edit[2];
     }
-    check(&seal(0, &body));
+    check(&lathe_model::artifact::frame(0, &body));
 });

@@ -1197,14 +1197,19 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ArtifactError
     }
 }
 
-/// Frames a body as an artifact file: header, the body (zstd-compressed when that is
-/// smaller), SHA-256 of everything before it.
+/// Frames a body as an artifact file, zstd-compressing it when that is smaller.
 fn seal(body: &[u8]) -> Vec<u8> {
     let compressed = zstd::encode_all(body, ZSTD_LEVEL).ok();
-    let (encoding, body) = match &compressed {
-        Some(c) if c.len() < body.len() => (ENCODING_ZSTD_MSGPACK, c.as_slice()),
-        _ => (ENCODING_MSGPACK, body),
-    };
+    match &compressed {
+        Some(c) if c.len() < body.len() => frame(ENCODING_ZSTD_MSGPACK, c),
+        _ => frame(ENCODING_MSGPACK, body),
+    }
+}
+
+/// The file around a stored body: magic, version, the given encoding byte, the body's
+/// length, the body as given, and the SHA-256 of all of it (module docs). The writer's own
+/// framing; public so that tools (the fuzz target) can seal bodies they made or damaged.
+pub fn frame(encoding: u8, body: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_LEN + body.len() + DIGEST_LEN);
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
