@@ -43,6 +43,9 @@ pub enum Command {
     Status { job: String },
     /// List every job.
     Jobs,
+    /// Create or update every stream, consumer and bucket lathe uses (idempotent; every
+    /// service does the same at start, and the Kubernetes provisioning Job runs this).
+    Provision,
     /// Run every stage service in this process (starting a local nats-server when none answers).
     Up,
     /// Run the whole chain on the built-in digits data and print the result.

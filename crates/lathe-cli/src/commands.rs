@@ -1,29 +1,18 @@
 //! Objects built from what the user typed, and the work of each command.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
-use async_nats::HeaderMap;
-use async_nats::jetstream;
 use lathe_proto::codec::{self, Format};
 use lathe_proto::{JobId, JobRecord, JobSpec, JobState, names};
-use lathe_runtime::{NatsSettings, Resources, WorkerSettings, provision, settings};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Cli, Command, DatasetCommand, Global};
+use crate::session::Session;
 use crate::{local, models, trace_view, watch};
 
 /// The sample job of the demo: the built-in digits data through every available stage.
 const DEMO_SPEC: &str = include_str!("../../../proto/examples/valid/digits-chain.json");
-
-async fn connect(global: &Global) -> anyhow::Result<Resources> {
-    let mut nats = NatsSettings::from_env()?;
-    nats.url = global.nats_url.clone();
-    let client = settings::connect(&nats, "lathe-cli", Duration::from_secs(5)).await?;
-    // Provisioning is idempotent; doing it here lets `submit` work before any service ran.
-    Ok(provision::provision(client, WorkerSettings::from_env()?).await?)
-}
 
 fn read_spec(path: &std::path::Path) -> anyhow::Result<(JobSpec, Vec<u8>)> {
     let text =
@@ -50,27 +39,14 @@ fn read_spec(path: &std::path::Path) -> anyhow::Result<(JobSpec, Vec<u8>)> {
     }
 }
 
-/// Publishes a spec to the submit stream with a job id chosen here, so it can be watched.
-async fn submit_bytes(js: &jetstream::Context, bytes: Vec<u8>) -> anyhow::Result<JobId> {
-    let job = JobId::new();
-    let mut headers = HeaderMap::new();
-    headers.insert(names::JOB_ID_HEADER, job.to_string().as_str());
-    headers.insert(names::CONTENT_TYPE_HEADER, codec::JSON);
-    js.publish_with_headers(names::SUBMIT_SUBJECT, headers, bytes.into())
-        .await?
-        .await
-        .context("the submit stream did not confirm the job")?;
-    Ok(job)
-}
-
 fn parse_job(s: &str) -> anyhow::Result<JobId> {
     s.parse::<JobId>().map_err(|e| anyhow::anyhow!(e))
 }
 
-async fn follow(res: &Resources, job: JobId, json: bool) -> anyhow::Result<ExitCode> {
-    match watch::watch(&res.js, job, json).await? {
+async fn follow(s: &Session, job: JobId, json: bool) -> anyhow::Result<ExitCode> {
+    match watch::watch(&s.js, job, json).await? {
         watch::Ending::Completed => {
-            if !json && let Some((record, _)) = res.jobs.get(job).await? {
+            if !json && let Some((record, _)) = s.jobs().await?.get(job).await? {
                 print_record(&record);
             }
             Ok(ExitCode::SUCCESS)
@@ -142,8 +118,8 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
     match args.command {
         Command::Submit { spec, watch } => {
             let (spec, bytes) = read_spec(&spec)?;
-            let res = connect(&g).await?;
-            let job = submit_bytes(&res.js, bytes).await?;
+            let s = Session::connect(&g).await?;
+            let job = s.submit(bytes).await?;
             if g.json {
                 println!(
                     "{}",
@@ -153,19 +129,19 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
                 println!("submitted job {job} ({})", spec.name);
             }
             if watch {
-                follow(&res, job, g.json).await
+                follow(&s, job, g.json).await
             } else {
                 Ok(ExitCode::SUCCESS)
             }
         }
         Command::Watch { job } => {
-            let res = connect(&g).await?;
-            follow(&res, parse_job(&job)?, g.json).await
+            let s = Session::connect(&g).await?;
+            follow(&s, parse_job(&job)?, g.json).await
         }
         Command::Status { job } => {
             let job = parse_job(&job)?;
-            let res = connect(&g).await?;
-            let Some((record, _)) = res.jobs.get(job).await? else {
+            let s = Session::connect(&g).await?;
+            let Some((record, _)) = s.jobs().await?.get(job).await? else {
                 bail!("no job {job}")
             };
             if g.json {
@@ -176,8 +152,8 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Jobs => {
-            let res = connect(&g).await?;
-            let jobs = res.jobs.list().await?;
+            let s = Session::connect(&g).await?;
+            let jobs = s.jobs().await?.list().await?;
             if g.json {
                 println!("{}", serde_json::to_string_pretty(&jobs)?);
             } else {
@@ -196,6 +172,16 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
                         stages.join(" ")
                     );
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Provision => {
+            Session::connect(&g).await?.provision().await?;
+            if !g.json {
+                println!(
+                    "lathe: every stream, consumer and bucket is in place on {}",
+                    g.nats_url
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -229,8 +215,8 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
                     .await??;
                 trace_view::from_jaeger_v3(&body)?
             } else {
-                let res = connect(&g).await?;
-                let Some((record, _)) = res.jobs.get(job).await? else {
+                let s = Session::connect(&g).await?;
+                let Some((record, _)) = s.jobs().await?.get(job).await? else {
                     bail!("no job {job}")
                 };
                 if !g.json {
@@ -262,30 +248,30 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Models { model } => {
-            let res = connect(&g).await?;
-            models::list(&res, model, g.json).await
+            let s = Session::connect(&g).await?;
+            models::list(&s, model, g.json).await
         }
         Command::Infer { model, input } => {
-            let res = connect(&g).await?;
-            models::infer(&res.client, &model, &input, g.json).await
+            let s = Session::connect(&g).await?;
+            models::infer(&s.client, &model, &input, g.json).await
         }
         Command::Monitor { model, once } => {
-            let res = connect(&g).await?;
-            models::monitor(&res, &model, once, g.json).await
+            let s = Session::connect(&g).await?;
+            models::monitor(&s, &model, once, g.json).await
         }
         Command::Promote { model, version } => {
-            let res = connect(&g).await?;
-            models::promote(&res, &model, version, g.json).await
+            let s = Session::connect(&g).await?;
+            models::promote(&s, &model, version, g.json).await
         }
         Command::Rollback { model, to } => {
-            let res = connect(&g).await?;
-            models::rollback(&res, &model, to, g.json).await
+            let s = Session::connect(&g).await?;
+            models::rollback(&s, &model, to, g.json).await
         }
         Command::Dataset(DatasetCommand::Put { name, file }) => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let res = connect(&g).await?;
-            let info = res.datasets.put(&name, &bytes).await?;
+            let s = Session::connect(&g).await?;
+            let info = s.datasets().await?.put(&name, &bytes).await?;
             println!(
                 "stored dataset {} ({} bytes); use \"source\": \"bucket:{}\"",
                 info.name, info.bytes, info.name
@@ -293,8 +279,8 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dataset(DatasetCommand::List) => {
-            let res = connect(&g).await?;
-            let list = res.datasets.list().await?;
+            let s = Session::connect(&g).await?;
+            let list = s.datasets().await?.list().await?;
             if g.json {
                 let v: Vec<_> = list.iter().map(|d| serde_json::json!({"name": d.name, "bytes": d.bytes, "digest": d.digest})).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -307,14 +293,14 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Export { job, out } => {
             let job = parse_job(&job)?;
-            let res = connect(&g).await?;
-            let Some((record, _)) = res.jobs.get(job).await? else {
+            let s = Session::connect(&g).await?;
+            let Some((record, _)) = s.jobs().await?.get(job).await? else {
                 bail!("no job {job}")
             };
             let Some(artifact) = record.steps.iter().rev().find_map(|s| s.artifact.clone()) else {
                 bail!("job {job} has no artifact yet")
             };
-            let bytes = res.artifacts.get(&artifact).await?;
+            let bytes = s.artifacts().await?.get(&artifact).await?;
             let model = lathe_model::artifact::Artifact::from_bytes(&bytes)
                 .with_context(|| format!("artifact {}", artifact.name))?;
             let st = lathe_model::interop::export_safetensors(&model)?;
@@ -336,7 +322,9 @@ async fn demo(g: &Global) -> anyhow::Result<ExitCode> {
     let _nats = local::ensure_nats(&g.nats_url)?;
     let stop = CancellationToken::new();
     let services = tokio::spawn(local::run_services(g.nats_url.clone(), stop.clone()));
-    let res = connect(g).await?;
+    let s = Session::connect(g).await?;
+    // The services provision too, concurrently; the demo needs every stream before it submits.
+    s.provision().await?;
     let spec = JobSpec::parse(DEMO_SPEC.as_bytes(), Format::Json)
         .map_err(|e| anyhow::anyhow!("demo spec: {e:?}"))?;
     println!(
@@ -348,9 +336,9 @@ async fn demo(g: &Global) -> anyhow::Result<ExitCode> {
             .collect::<Vec<_>>()
             .join(" → ")
     );
-    let job = submit_bytes(&res.js, DEMO_SPEC.as_bytes().to_vec()).await?;
-    let code = follow(&res, job, g.json).await?;
-    if let Some((record, _)) = res.jobs.get(job).await?
+    let job = s.submit(DEMO_SPEC.as_bytes().to_vec()).await?;
+    let code = follow(&s, job, g.json).await?;
+    if let Some((record, _)) = s.jobs().await?.get(job).await?
         && record.state == JobState::Completed
     {
         for step in &record.steps {
@@ -379,11 +367,11 @@ async fn demo(g: &Global) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    if let Some((record, _)) = res.jobs.get(job).await?
+    if let Some((record, _)) = s.jobs().await?.get(job).await?
         && record.state == JobState::Completed
         && let Some(deploy) = &spec.deploy
     {
-        demo_inference(&res, &deploy.model).await?;
+        demo_inference(&s, &deploy.model).await?;
     }
     stop.cancel();
     match services.await {
@@ -396,13 +384,13 @@ async fn demo(g: &Global) -> anyhow::Result<ExitCode> {
 
 /// Sends the built-in test rows to the deployed model over NATS, as a client would, and
 /// prints how many it got right.
-async fn demo_inference(res: &Resources, model: &lathe_proto::ModelName) -> anyhow::Result<()> {
+async fn demo_inference(s: &Session, model: &lathe_proto::ModelName) -> anyhow::Result<()> {
     let (_, test) = lathe_model::data::builtin("digits")?;
     let w = test.n_features;
     let rows: Vec<&[f32]> = test.features.chunks_exact(w).collect();
     let body = serde_json::json!({ "inputs": rows });
     let started = std::time::Instant::now();
-    let reply = res
+    let reply = s
         .client
         .request(names::infer_subject(model), body.to_string().into())
         .await

@@ -6,6 +6,7 @@ mod cli;
 mod commands;
 mod local;
 mod models;
+mod session;
 mod trace_view;
 mod watch;
 

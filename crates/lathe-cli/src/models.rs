@@ -9,7 +9,8 @@ use async_nats::HeaderMap;
 use lathe_proto::health::ModelHealth;
 use lathe_proto::registry::ModelEntry;
 use lathe_proto::{InferReply, ModelName, codec, names};
-use lathe_runtime::Resources;
+
+use crate::session::Session;
 
 fn model_name(s: &str) -> anyhow::Result<ModelName> {
     s.parse::<ModelName>()
@@ -70,16 +71,16 @@ fn print_entry(e: &ModelEntry) {
 }
 
 /// `lathe models [model]`.
-pub async fn list(res: &Resources, model: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
+pub async fn list(s: &Session, model: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
     let entries = match model {
         Some(m) => {
             let m = model_name(&m)?;
-            match res.registry.get(&m).await? {
+            match s.registry().await?.get(&m).await? {
                 Some((e, _)) => vec![e],
                 None => bail!("model `{m}` is not in the registry"),
             }
         }
-        None => res.registry.list().await?,
+        None => s.registry().await?.list().await?,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&entries)?);
@@ -88,7 +89,7 @@ pub async fn list(res: &Resources, model: Option<String>, json: bool) -> anyhow:
     } else {
         for e in &entries {
             print_entry(e);
-            if let Some(h) = health_of(res, &e.model).await? {
+            if let Some(h) = health_of(s, &e.model).await? {
                 print!("{}", health_table(&h));
             }
         }
@@ -142,8 +143,8 @@ fn health_table(h: &ModelHealth) -> String {
 }
 
 /// The monitor's latest figures of a model, if any.
-async fn health_of(res: &Resources, model: &ModelName) -> anyhow::Result<Option<ModelHealth>> {
-    match res.health.get(model.as_str()).await? {
+async fn health_of(s: &Session, model: &ModelName) -> anyhow::Result<Option<ModelHealth>> {
+    match s.health().await?.get(model.as_str()).await? {
         Some(bytes) => {
             Ok(Some(codec::from_msgpack(&bytes).map_err(|e| {
                 anyhow::anyhow!("unreadable health of `{model}`: {e}")
@@ -154,12 +155,7 @@ async fn health_of(res: &Resources, model: &ModelName) -> anyhow::Result<Option<
 }
 
 /// `lathe monitor <model>`: the health table, redrawn on every update of the monitor.
-pub async fn monitor(
-    res: &Resources,
-    model: &str,
-    once: bool,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
+pub async fn monitor(s: &Session, model: &str, once: bool, json: bool) -> anyhow::Result<ExitCode> {
     use futures::StreamExt;
     let m = model_name(model)?;
     let show = |h: &ModelHealth, clear: bool| -> anyhow::Result<()> {
@@ -174,7 +170,7 @@ pub async fn monitor(
         Ok(())
     };
     if once {
-        match health_of(res, &m).await? {
+        match health_of(s, &m).await? {
             Some(h) => show(&h, false)?,
             None => bail!(
                 "no health figures for `{m}` yet: is lathe-monitor running and the model deployed?"
@@ -182,7 +178,7 @@ pub async fn monitor(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut watch = res.health.watch_with_history(m.as_str()).await?;
+    let mut watch = s.health().await?.watch_with_history(m.as_str()).await?;
     eprintln!("watching the health of `{m}` (Ctrl-C stops)");
     while let Some(entry) = watch.next().await {
         let entry = entry?;
@@ -195,14 +191,15 @@ pub async fn monitor(
 
 /// `lathe promote <model> <version>`.
 pub async fn promote(
-    res: &Resources,
+    s: &Session,
     model: &str,
     version: u32,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let m = model_name(model)?;
-    let (entry, ()) = res
-        .registry
+    let (entry, ()) = s
+        .registry()
+        .await?
         .update(&m, false, |e| e.promote(version, "cli", "promoted by hand"))
         .await?;
     if json {
@@ -215,14 +212,15 @@ pub async fn promote(
 
 /// `lathe rollback <model> [--to <version>]`.
 pub async fn rollback(
-    res: &Resources,
+    s: &Session,
     model: &str,
     to: Option<u32>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let m = model_name(model)?;
-    let (entry, active) = res
-        .registry
+    let (entry, active) = s
+        .registry()
+        .await?
         .update(&m, false, |e| e.rollback(to, "cli", "rolled back by hand"))
         .await?;
     if json {

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use lathe_proto::{JobState, Stage, names};
-use lathe_runtime::jobs::JobStore;
 use lathe_runtime::{NatsSettings, Resources, service};
 use lathe_testkit::NatsServer;
 use lathe_tests::*;
@@ -112,6 +111,34 @@ async fn violation(errors: &Mutex<Vec<String>>, subject: &str) -> String {
         "no permissions violation for {subject}: {:?}",
         errors.lock().unwrap()
     );
+}
+
+/// Runs the `lathe` CLI as a prod user (as a person, an application or the provisioning Job
+/// would, with NATS_USER/NATS_PASSWORD) and returns its standard output; panics, with its
+/// output, if it fails.
+async fn lathe_as(url: &str, user: &str, args: &[&str]) -> String {
+    let mut cmd = std::process::Command::new(bin_dir().join("lathe"));
+    cmd.args(args)
+        .env("NATS_URL", url)
+        .env("NATS_USER", user)
+        .env("NATS_PASSWORD", password(user))
+        .env("RUST_LOG", "warn");
+    if user != "lathe-client" {
+        cmd.env("NATS_INBOX_PREFIX", format!("_INBOX_{user}"));
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .expect("run lathe (build the binaries first: `cargo build --workspace --bins`)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "`lathe {}` as {user} failed: {}\n{stdout}\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 async fn work_messages(res: &Resources) -> u64 {
@@ -267,8 +294,8 @@ async fn a_stage_cannot_publish_to_a_predecessor() {
 async fn services_process_a_job_with_their_own_prod_users() {
     let nats = prod_nats();
     let url = nats.server.url();
-    // The provisioning Job's user brings up every resource on the empty server.
-    provisioned(&url, "lathe-provision", false).await;
+    // The provisioning Job's command and user bring up every resource on the empty server.
+    lathe_as(&url, "lathe-provision", &["provision"]).await;
     let mut stages = Vec::new();
     for (user, intake) in [("lathe-trainer", true), ("lathe-quantizer", false)] {
         let res = provisioned(&url, user, intake).await;
@@ -310,52 +337,57 @@ async fn services_process_a_job_with_their_own_prod_users() {
     });
     stages.push(InProcess { stop, handle });
 
-    // A client submits and follows the job with its own user.
-    let (c, errors) = client(&url, "lathe-client").await;
-    let js = jetstream::new(c.clone());
-    let job = lathe_proto::JobId::new();
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(names::JOB_ID_HEADER, job.to_string().as_str());
-    let spec = br#"{"name": "prod-users", "dataset": {"source": "builtin:digits"},
+    // A person submits and follows the job with the CLI and the client user, whose
+    // permissions do not cover provisioning.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = lathe_testkit::write_file(
+        dir.path(),
+        "prod-users.json",
+        r#"{"name": "prod-users", "dataset": {"source": "builtin:digits"},
         "model": {"hidden": [32]}, "train": {"epochs": 10, "seed": 1},
         "pipeline": ["train", "quantize", "deploy", "monitor"], "quantize": {"bits": 8},
-        "deploy": {"model": "prod"}, "monitor": {"smoke_rows": 5, "window_secs": 5}}"#;
-    js.publish_with_headers(names::SUBMIT_SUBJECT, headers, spec.to_vec().into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let jobs = JobStore::new(js.get_key_value(names::JOBS_BUCKET).await.unwrap());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let record = loop {
-        if let Some((r, _)) = jobs.get(job).await.expect("the client reads job records")
-            && r.state.is_terminal()
-        {
-            break r;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "job did not end");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+        "deploy": {"model": "prod"}, "monitor": {"smoke_rows": 5, "window_secs": 5}}"#,
+    );
+    let spec = spec.to_str().unwrap();
+    let out = lathe_as(&url, "lathe-client", &["--json", "submit", spec, "--watch"]).await;
+    let submitted: serde_json::Value =
+        serde_json::from_str(out.lines().next().expect("a first line")).unwrap();
+    let job = submitted["job_id"].as_str().expect("job_id").to_string();
+    let last: serde_json::Value =
+        serde_json::from_str(out.lines().last().expect("events")).unwrap();
+    assert_eq!(
+        last["kind"], "completed",
+        "the watch ends with the job:\n{out}"
+    );
+    let status = lathe_as(&url, "lathe-client", &["--json", "status", &job]).await;
+    let record: lathe_proto::JobRecord = serde_json::from_str(&status).unwrap();
+    assert_eq!(record.job_id.to_string(), job);
     assert_eq!(record.state, JobState::Completed, "{:?}", record.error);
     assert_eq!(record.steps.len(), 4);
     assert_eq!(record.steps[1].stage, Stage::Quantize);
     assert!(record.steps[1].metrics["test_accuracy"] > 0.8);
     assert_eq!(record.steps[3].metrics["smoke_agreement"], 1.0);
-    // The client asks the deployed model, and reads its health once the monitor wrote it.
-    let row: Vec<f32> = lathe_model::data::builtin("digits")
+    let jobs = lathe_as(&url, "lathe-client", &["jobs"]).await;
+    assert!(jobs.contains(&job), "{jobs}");
+
+    // Then the client asks the model with the CLI, and reads its health once the monitor wrote it.
+    let row: Vec<String> = lathe_model::data::builtin("digits")
         .unwrap()
         .1
         .row(0)
-        .to_vec();
-    let reply = c
-        .request(
-            "lathe.infer.prod",
-            serde_json::json!({"inputs": row}).to_string().into(),
-        )
-        .await
-        .expect("the client may ask a model");
-    let reply: lathe_proto::InferReply = serde_json::from_slice(&reply.payload).unwrap();
-    assert_eq!(reply.version, 1);
+        .iter()
+        .map(f32::to_string)
+        .collect();
+    let reply = lathe_as(
+        &url,
+        "lathe-client",
+        &["--json", "infer", "prod", &row.join(",")],
+    )
+    .await;
+    let reply: lathe_proto::InferReply = serde_json::from_str(&reply).unwrap();
+    assert_eq!((reply.version, reply.predictions.len()), (1, 1));
+    let (c, errors) = client(&url, "lathe-client").await;
+    let js = jetstream::new(c.clone());
     let health = js.get_key_value(names::HEALTH_BUCKET).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while health.get("prod").await.unwrap().is_none() {
@@ -365,6 +397,15 @@ async fn services_process_a_job_with_their_own_prod_users() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let health = lathe_as(
+        &url,
+        "lathe-client",
+        &["--json", "monitor", "prod", "--once"],
+    )
+    .await;
+    let health: lathe_proto::health::ModelHealth =
+        serde_json::from_str(health.trim()).expect("the monitor's figures as JSON");
+    assert_eq!(health.model.as_str(), "prod");
     assert!(
         errors.lock().unwrap().is_empty(),
         "{:?}",
