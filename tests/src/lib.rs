@@ -21,6 +21,7 @@ pub fn test_worker(id: &str) -> WorkerSettings {
         max_deliver: 5,
         id: id.to_string(),
         intake: true,
+        stream_replicas: None,
     }
 }
 

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::error::RuntimeError;
+use async_nats::HeaderMap;
 use async_nats::jetstream;
 use lathe_proto::{EventKind, FieldError, JobEvent, JobId, Progress, Stage, codec, names, now_ms};
 
@@ -61,23 +63,29 @@ impl Events {
     }
 
     /// Publishes an event. Events are for watchers: a failure to publish one is logged, and
-    /// never fails the job.
+    /// never fails the job. A job's last event (completed, failed, rejected), which a watcher
+    /// waits for, is published patiently and once ([`crate::publish`]); the others are tried
+    /// once.
     pub async fn emit(&self, event: EventBuilder) {
         let event = event.build();
         let subject = names::event_subject(event.job_id, event.kind.as_str());
-        match self
-            .js
-            .publish(subject, codec::to_msgpack(&event).into())
-            .await
-        {
-            Ok(ack) => {
-                if let Err(e) = ack.await {
-                    tracing::warn!(job = %event.job_id, kind = event.kind.as_str(), error = %e, "Event not stored");
-                }
+        let payload = codec::to_msgpack(&event).into();
+        let stored = if event.kind.is_terminal() {
+            let mut headers = HeaderMap::new();
+            let id = format!("{}.{}", event.job_id, event.kind.as_str());
+            headers.insert("Nats-Msg-Id", id.as_str());
+            crate::publish::publish_acked(&self.js, &subject, headers, payload).await
+        } else {
+            match self.js.publish(subject, payload).await {
+                Ok(ack) => ack
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| RuntimeError::nats("publish ack", e)),
+                Err(e) => Err(RuntimeError::nats("publish", e)),
             }
-            Err(e) => {
-                tracing::warn!(job = %event.job_id, kind = event.kind.as_str(), error = %e, "Event not published")
-            }
+        };
+        if let Err(e) = stored {
+            tracing::warn!(job = %event.job_id, kind = event.kind.as_str(), error = %e, "Event not stored");
         }
     }
 }

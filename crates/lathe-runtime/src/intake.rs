@@ -21,7 +21,8 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::RuntimeError;
 use crate::events::EventBuilder;
-use crate::provision::Resources;
+use crate::jobs::Change;
+use crate::provision::{INTAKE_MAX_DELIVER, Resources};
 use crate::{trace, worker};
 
 /// Runs intake until `shutdown` is cancelled.
@@ -54,15 +55,63 @@ pub async fn run_intake(
         } {
             let Ok(msg) = msg else { continue };
             if let Err(e) = intake_one(&res, service, &msg).await {
-                tracing::warn!(error = %e, "Submission not processed; it will be redelivered");
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
+                let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u64;
+                if delivered >= INTAKE_MAX_DELIVER as u64 {
+                    give_up(&res, &msg, delivered, &e).await;
+                    let _ = msg.ack_with(AckKind::Term).await;
+                } else {
+                    // Backing off spans a cluster's leader election (several seconds) within
+                    // the consumer's deliveries.
+                    tracing::warn!(error = %e, delivery = delivered, "Submission not processed; it will be redelivered");
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(worker::backoff(delivered))))
+                        .await;
+                }
             } else if let Err(e) = msg.double_ack().await {
                 tracing::warn!(error = %e, "Submission ack not confirmed");
             }
         }
     }
+}
+
+/// The submission's last delivery failed too: a job whose record exists is failed with the
+/// reason, so that no job stays queued forever; the submission goes to the dead letters.
+async fn give_up(res: &Resources, msg: &jetstream::Message, delivered: u64, e: &RuntimeError) {
+    let reason = format!("intake could not queue the job after {delivered} deliveries: {e}");
+    tracing::error!(%reason, "Submission given up");
+    if let Ok(job) = job_id_of(msg) {
+        let now = now_ms();
+        let mut ended_here = false;
+        let updated = res
+            .jobs
+            .update(job, |r| {
+                ended_here = !r.state.is_terminal();
+                if !ended_here {
+                    return Change::Keep;
+                }
+                r.state = JobState::Failed;
+                r.error = Some(reason.clone());
+                r.finished_at_ms = Some(now);
+                Change::Write
+            })
+            .await;
+        if updated.is_ok() && ended_here {
+            res.events
+                .emit(EventBuilder::new(job, EventKind::Failed, reason.clone()))
+                .await;
+        }
+    }
+    worker::dead_letter(
+        res,
+        "intake",
+        names::SUBMIT_SUBJECT,
+        job_id_of(msg).ok(),
+        None,
+        &reason,
+        delivered,
+        &msg.payload,
+    )
+    .await;
 }
 
 /// The job id of a submission: the `lathe-job-id` header when the submitter chose one, else

@@ -28,6 +28,7 @@ pub mod health;
 pub mod intake;
 pub mod jobs;
 pub mod provision;
+pub mod publish;
 pub mod registry;
 pub mod service;
 pub mod settings;

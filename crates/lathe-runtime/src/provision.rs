@@ -5,6 +5,8 @@
 use std::time::Duration;
 
 use async_nats::Client;
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 use lathe_proto::{Stage, names};
 
@@ -16,6 +18,9 @@ use crate::registry::Registry;
 use crate::settings::WorkerSettings;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// Deliveries of a submission before intake gives up on it (fails its job, dead-letters it).
+pub const INTAKE_MAX_DELIVER: i64 = 5;
 
 /// Everything a service needs, provisioned and opened.
 #[derive(Clone)]
@@ -53,9 +58,39 @@ pub fn stage_consumer_config(stage: Stage, w: &WorkerSettings) -> consumer::pull
     }
 }
 
+/// How many copies a stream has now, or `None` when it does not exist.
+async fn existing_replicas(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<Option<usize>, RuntimeError> {
+    match js.get_stream(stream).await {
+        Ok(s) => Ok(Some(s.cached_info().config.num_replicas)),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND => {
+                Ok(None)
+            }
+            _ => Err(prov(format!("stream {stream}"))(e.to_string())),
+        },
+    }
+}
+
+/// The copies a stream gets: `LATHE_STREAM_REPLICAS` when set, else the ones it has (1 when
+/// new), so that a process without the setting never scales a cluster's streams down.
+async fn replicas_for(
+    js: &jetstream::Context,
+    stream: &str,
+    setting: Option<usize>,
+) -> Result<usize, RuntimeError> {
+    match setting {
+        Some(n) => Ok(n),
+        None => Ok(existing_replicas(js, stream).await?.unwrap_or(1)),
+    }
+}
+
 /// Creates or updates every resource and opens them.
 pub async fn provision(client: Client, worker: WorkerSettings) -> Result<Resources, RuntimeError> {
     let js = jetstream::new(client.clone());
+    let setting = worker.stream_replicas;
 
     let streams = [
         stream::Config {
@@ -107,8 +142,9 @@ pub async fn provision(client: Client, worker: WorkerSettings) -> Result<Resourc
             ..Default::default()
         },
     ];
-    for cfg in streams {
+    for mut cfg in streams {
         let name = cfg.name.clone();
+        cfg.num_replicas = replicas_for(&js, &name, setting).await?;
         js.create_or_update_stream(cfg)
             .await
             .map_err(|e| prov(format!("stream {name}"))(e.to_string()))?;
@@ -123,7 +159,7 @@ pub async fn provision(client: Client, worker: WorkerSettings) -> Result<Resourc
             durable_name: Some(names::INTAKE_CONSUMER.into()),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: Duration::from_secs(30),
-            max_deliver: 5,
+            max_deliver: INTAKE_MAX_DELIVER,
             description: Some("job intake, shared by every lathe service".into()),
             ..Default::default()
         })
@@ -145,6 +181,7 @@ pub async fn provision(client: Client, worker: WorkerSettings) -> Result<Resourc
     let jobs_kv = js
         .create_or_update_key_value(kv::Config {
             bucket: names::JOBS_BUCKET.into(),
+            num_replicas: replicas_for(&js, &format!("KV_{}", names::JOBS_BUCKET), setting).await?,
             history: 10,
             storage: stream::StorageType::File,
             description: "job records".into(),
@@ -155,6 +192,8 @@ pub async fn provision(client: Client, worker: WorkerSettings) -> Result<Resourc
     let models_kv = js
         .create_or_update_key_value(kv::Config {
             bucket: names::MODELS_BUCKET.into(),
+            num_replicas: replicas_for(&js, &format!("KV_{}", names::MODELS_BUCKET), setting)
+                .await?,
             history: 64,
             storage: stream::StorageType::File,
             description: "model registry".into(),
@@ -166,6 +205,8 @@ pub async fn provision(client: Client, worker: WorkerSettings) -> Result<Resourc
     let health_kv = js
         .create_or_update_key_value(kv::Config {
             bucket: names::HEALTH_BUCKET.into(),
+            num_replicas: replicas_for(&js, &format!("KV_{}", names::HEALTH_BUCKET), setting)
+                .await?,
             history: 1,
             storage: stream::StorageType::File,
             description: "model health, written by the monitor".into(),
@@ -174,8 +215,10 @@ pub async fn provision(client: Client, worker: WorkerSettings) -> Result<Resourc
         .await
         .map_err(|e| prov("bucket lathe-health")(e.to_string()))?;
 
-    let artifacts = object_store_open(&js, names::ARTIFACTS_BUCKET, "model artifacts").await?;
-    let datasets = object_store_open(&js, names::DATASETS_BUCKET, "uploaded datasets").await?;
+    let artifacts =
+        object_store_open(&js, names::ARTIFACTS_BUCKET, "model artifacts", setting).await?;
+    let datasets =
+        object_store_open(&js, names::DATASETS_BUCKET, "uploaded datasets", setting).await?;
 
     Ok(Resources {
         client,
@@ -190,23 +233,46 @@ pub async fn provision(client: Client, worker: WorkerSettings) -> Result<Resourc
     })
 }
 
+/// Creates an object store, or opens it and brings its copies to the setting (an object
+/// store has no create-or-update of its own; its backing stream does).
 async fn object_store_open(
     js: &jetstream::Context,
     bucket: &str,
     description: &str,
+    setting: Option<usize>,
 ) -> Result<object_store::ObjectStore, RuntimeError> {
-    let cfg = object_store::Config {
-        bucket: bucket.into(),
-        description: Some(description.into()),
-        storage: stream::StorageType::File,
-        ..Default::default()
-    };
-    match js.create_object_store(cfg).await {
-        Ok(store) => Ok(store),
-        // Created by another service already (possibly with a different description).
-        Err(create_err) => js
-            .get_object_store(bucket)
-            .await
-            .map_err(|e| prov(format!("object store {bucket}"))(format!("{create_err}; then {e}"))),
+    let stream = format!("OBJ_{bucket}");
+    match existing_replicas(js, &stream).await? {
+        None => {
+            let cfg = object_store::Config {
+                bucket: bucket.into(),
+                description: Some(description.into()),
+                storage: stream::StorageType::File,
+                num_replicas: setting.unwrap_or(1),
+                ..Default::default()
+            };
+            if let Ok(store) = js.create_object_store(cfg).await {
+                return Ok(store);
+            }
+            // Created by another service meanwhile: opened below.
+        }
+        Some(have) => {
+            if let Some(want) = setting.filter(|w| *w != have) {
+                let mut cfg = js
+                    .get_stream(&stream)
+                    .await
+                    .map_err(|e| prov(format!("stream {stream}"))(e.to_string()))?
+                    .cached_info()
+                    .config
+                    .clone();
+                cfg.num_replicas = want;
+                js.update_stream(cfg)
+                    .await
+                    .map_err(|e| prov(format!("stream {stream}"))(e.to_string()))?;
+            }
+        }
     }
+    js.get_object_store(bucket)
+        .await
+        .map_err(|e| prov(format!("object store {bucket}"))(e.to_string()))
 }

@@ -294,6 +294,12 @@ pub struct WorkerSettings {
     /// and publishes each job's first task). Default on; `0`/`false`/`off`/`no` turn it off,
     /// e.g. in the prod overlay, where only the trainer may publish to every stage.
     pub intake: bool,
+    /// `LATHE_STREAM_REPLICAS`: copies the server cluster keeps of every stream, bucket and
+    /// object store lathe provisions (1 to 5; 3 in the prod overlay, whose NATS cluster has
+    /// three nodes, so that losing one loses nothing). Unset: new resources get 1 and
+    /// existing ones keep theirs, so a process without the setting never scales a cluster's
+    /// resources down.
+    pub stream_replicas: Option<usize>,
 }
 
 impl Default for WorkerSettings {
@@ -304,6 +310,7 @@ impl Default for WorkerSettings {
             max_deliver: 5,
             id: crate::worker_id(),
             intake: true,
+            stream_replicas: None,
         }
     }
 }
@@ -350,6 +357,16 @@ impl WorkerSettings {
                 name: "LATHE_INTAKE",
                 reason: format!("`{v}` is not one of 1/true/on/yes or 0/false/off/no"),
             })?;
+        }
+        if let Some(v) = var("LATHE_STREAM_REPLICAS") {
+            s.stream_replicas = Some(v.parse().ok().filter(|n| (1..=5).contains(n)).ok_or(
+                RuntimeError::Setting {
+                    name: "LATHE_STREAM_REPLICAS",
+                    reason: format!(
+                        "`{v}` is not a whole number from 1 to 5 (NATS keeps at most 5 copies)"
+                    ),
+                },
+            )?);
         }
         Ok(s)
     }

@@ -387,12 +387,20 @@ async fn handle<H: StageHandler>(res: Resources, handler: Arc<H>, msg: jetstream
                     "{stage} stage panicked: {what}"
                 )))
             });
-        heartbeat.abort();
         let _ = forward.await;
 
+        // On success the heartbeat keeps the task ours while the result is stored and handed
+        // on too; `finish` stops it before it acks.
         match outcome {
-            Ok(out) => finish(&res, &task, out, started, &acker, delivered, &ctx_span).await,
+            Ok(out) => {
+                let held = Held {
+                    acker: &acker,
+                    heartbeat: heartbeat.abort_handle(),
+                };
+                finish(&res, &task, out, started, &held, delivered, &ctx_span).await
+            }
             Err(err) => {
+                heartbeat.abort();
                 ctx_span.record("otel.status_code", "ERROR");
                 ctx_span.record("error.type", err.kind());
                 let last = delivered >= res.worker.max_deliver as u64;
@@ -428,13 +436,37 @@ async fn handle<H: StageHandler>(res: Resources, handler: Arc<H>, msg: jetstream
     .await
 }
 
+/// A task's message while this replica holds it: a heartbeat keeps it ours, and each way of
+/// letting it go stops the heartbeat first.
+struct Held<'a> {
+    acker: &'a jetstream::message::Acker,
+    heartbeat: tokio::task::AbortHandle,
+}
+
+impl Held<'_> {
+    /// Redelivery after the backoff for this delivery.
+    async fn retry_later(&self, delivered: u64) {
+        self.heartbeat.abort();
+        let _ = self
+            .acker
+            .ack_with(AckKind::Nak(Some(backoff(delivered))))
+            .await;
+    }
+
+    /// Done: acked, and the ack confirmed.
+    async fn done(&self) -> Result<(), async_nats::Error> {
+        self.heartbeat.abort();
+        self.acker.double_ack().await
+    }
+}
+
 /// Success: store, record, hand on, ack.
 async fn finish(
     res: &Resources,
     task: &StageTask,
     out: StageOutput,
     started: u64,
-    acker: &jetstream::message::Acker,
+    held: &Held<'_>,
     delivered: u64,
     span: &tracing::Span,
 ) {
@@ -447,7 +479,7 @@ async fn finish(
                 Ok(r) => Some(r),
                 Err(e) => {
                     tracing::warn!(error = %e, "Cannot store the artifact; retrying later");
-                    let _ = acker.ack_with(AckKind::Nak(Some(backoff(delivered)))).await;
+                    held.retry_later(delivered).await;
                     return;
                 }
             }
@@ -487,7 +519,7 @@ async fn finish(
         .await;
     if let Err(e) = recorded {
         tracing::warn!(error = %e, "Cannot record the result; retrying later");
-        let _ = acker.ack_with(AckKind::Nak(Some(backoff(delivered)))).await;
+        held.retry_later(delivered).await;
         return;
     }
     res.events
@@ -511,10 +543,10 @@ async fn finish(
         .await
         .is_err()
     {
-        let _ = acker.ack_with(AckKind::Nak(Some(backoff(delivered)))).await;
+        held.retry_later(delivered).await;
         return;
     }
-    if let Err(e) = acker.double_ack().await {
+    if let Err(e) = held.done().await {
         tracing::warn!(error = %e, "Ack not confirmed; a redelivery will find the step completed");
     }
     tracing::info!(
@@ -572,18 +604,9 @@ pub async fn publish_task(
     );
     headers.insert(names::CONTENT_TYPE_HEADER, codec::MSGPACK);
     trace::inject(&span.context(), &mut headers);
-    async {
-        let ack = res
-            .js
-            .publish_with_headers(subject, headers, codec::to_msgpack(task).into())
-            .await
-            .map_err(|e| RuntimeError::nats("publish task", e))?;
-        ack.await
-            .map_err(|e| RuntimeError::nats("publish task ack", e))?;
-        Ok(())
-    }
-    .instrument(span)
-    .await
+    crate::publish::publish_acked(&res.js, &subject, headers, codec::to_msgpack(task).into())
+        .instrument(span)
+        .await
 }
 
 /// The task will not be retried: fail the job and keep the task where operators look.
@@ -698,7 +721,7 @@ pub(crate) async fn dead_letter(
 }
 
 /// Retry delay after `delivered` deliveries: 1 s, 2 s, 4 s … capped at 30 s.
-fn backoff(delivered: u64) -> Duration {
+pub(crate) fn backoff(delivered: u64) -> Duration {
     Duration::from_secs(1u64 << delivered.saturating_sub(1).min(5)).min(Duration::from_secs(30))
 }
 

@@ -175,6 +175,60 @@ impl Drop for NatsServer {
     }
 }
 
+/// A JetStream cluster of nats-servers on this machine, as the prod overlay runs three: node
+/// `i` is named `n<i>`, has its own client port and store, and routes to every other node.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    pub fn start(size: usize) -> NatsCluster {
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes = route_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = route_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let args = [
+                    "--server_name".to_string(),
+                    format!("n{i}"),
+                    "--cluster_name".into(),
+                    "lathe".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{port}"),
+                    "--routes".into(),
+                    routes.clone(),
+                ];
+                NatsServer::start_with(args.to_vec(), None)
+            })
+            .collect();
+        NatsCluster { nodes }
+    }
+
+    /// Every node's client URL, comma-separated (as `NATS_URL` takes them).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node a server name (`n<i>`) belongs to.
+    pub fn node_named(&mut self, name: &str) -> &mut NatsServer {
+        let i: usize = name
+            .strip_prefix('n')
+            .and_then(|i| i.parse().ok())
+            .filter(|i| *i < self.nodes.len())
+            .unwrap_or_else(|| panic!("no node named {name}"));
+        &mut self.nodes[i]
+    }
+}
+
 /// Writes a text file into a directory and returns its path (config files, fixtures).
 pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
