@@ -1,7 +1,7 @@
 //! The prod overlay's 3-node NATS cluster, run here as three real nats-servers: with
 //! `LATHE_STREAM_REPLICAS=3` every stream, bucket and object store lathe provisions keeps
-//! three copies, a process without the setting leaves them so, and jobs still run after the
-//! node leading the work stream dies.
+//! three copies, a process without the setting leaves them so, and jobs still run and deploy
+//! after the node leading the work stream dies.
 
 use std::time::Duration;
 
@@ -109,8 +109,9 @@ async fn wait_record(res: &Resources, job: JobId) -> JobRecord {
 fn spec(name: &str) -> Vec<u8> {
     format!(
         r#"{{"name": "{name}", "dataset": {{"source": "builtin:digits"}}, "model": {{"hidden": [32]}},
-            "train": {{"epochs": 5, "patience": null, "seed": 1}}, "pipeline": ["train", "quantize"],
-            "quantize": {{"bits": 8}}}}"#
+            "train": {{"epochs": 5, "patience": null, "seed": 1}},
+            "pipeline": ["train", "quantize", "deploy"], "quantize": {{"bits": 8}},
+            "deploy": {{"model": "clustered"}}}}"#
     )
     .into_bytes()
 }
@@ -129,6 +130,7 @@ async fn three_copies_of_every_stream_keep_jobs_running_when_a_node_dies() {
     // Stages started without the setting (as a process with a partial environment would be)
     // leave the copies as they are.
     let trainer = start_trainer(&urls, "cluster-trainer").await;
+    let deployer = start_deployer(&urls, "cluster-deployer", serve_settings("d1")).await;
     let quantizer = start_stage(
         &urls,
         "cluster-quantizer",
@@ -171,6 +173,34 @@ async fn three_copies_of_every_stream_keep_jobs_running_when_a_node_dies() {
     let (_, new_leader) = replicas(&res, names::WORK_STREAM).await;
     assert_ne!(new_leader, leader);
 
+    // The deployer followed the registry through the loss and serves the second version.
+    let row: Vec<f32> = lathe_model::data::builtin("digits")
+        .unwrap()
+        .1
+        .row(0)
+        .to_vec();
+    let body = serde_json::json!({ "inputs": row }).to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = res
+            .client
+            .request("lathe.infer.clustered", body.clone().into())
+            .await;
+        let version = reply
+            .ok()
+            .and_then(|r| serde_json::from_slice::<lathe_proto::InferReply>(&r.payload).ok())
+            .map(|r| r.version);
+        if version == Some(2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the deployer serves {version:?}, not version 2"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     trainer.stop().await;
     quantizer.stop().await;
+    deployer.stop().await;
 }
