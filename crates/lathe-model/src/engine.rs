@@ -281,48 +281,13 @@ impl F32Layer {
     }
 }
 
-/// Compacts a pruned model without changing what it computes (up to float rounding of
-/// folded biases): a hidden neuron whose outgoing weights are all zero is removed; one
-/// whose incoming weights are all zero outputs the constant `relu(bias)`, which is folded
-/// into the next layer's bias before it is removed; a raw feature that no weight reads is
-/// dropped from the first layer. Repeats until nothing changes. Returns the features the
-/// first layer still reads when some were dropped.
-///
-/// Unstructured pruning leaves many such neurons (on the digits MLP at 90 % sparsity the
-/// Taylor saliency of a neuron that stopped firing is zero, so all its weights go), and a
-/// narrower layer is faster for every kernel: this is what makes single rows of a pruned
-/// model faster than the dense model's, not only batches.
+/// Compacts a pruned model without changing what it computes: the hidden neurons that
+/// cannot change an output go ([`crate::neurons`]), then a raw feature that no weight reads
+/// is dropped from the first layer. Returns the features the first layer still reads when
+/// some were dropped. A narrower layer is faster for every kernel: this is what makes single
+/// rows of a pruned model faster than the dense model's, not only batches.
 fn compact(layers: &mut [F32Layer]) -> Option<Vec<u32>> {
-    let mut changed = true;
-    while changed {
-        changed = false;
-        for l in 0..layers.len().saturating_sub(1) {
-            let (left, right) = layers.split_at_mut(l + 1);
-            let (this, next) = (&mut left[l], &mut right[0]);
-            let width = this.n_out;
-            let mut keep = Vec::with_capacity(width);
-            for j in 0..width {
-                let outgoing = &next.wt[j * next.n_out..(j + 1) * next.n_out];
-                if outgoing.iter().all(|w| *w == 0.0) {
-                    continue;
-                }
-                let incoming_zero = (0..this.n_in).all(|i| this.wt[i * width + j] == 0.0);
-                if incoming_zero {
-                    let constant = this.bias[j].max(0.0);
-                    for (b, w) in next.bias.iter_mut().zip(outgoing) {
-                        *b += constant * w;
-                    }
-                    continue;
-                }
-                keep.push(j);
-            }
-            if keep.len() < width {
-                this.keep_outputs(&keep);
-                next.keep_inputs(&keep);
-                changed = true;
-            }
-        }
-    }
+    crate::neurons::remove_dead_neurons(layers);
     let first = layers.first_mut()?;
     let mut used: Vec<usize> = (0..first.n_in)
         .filter(|&i| {
@@ -340,6 +305,34 @@ fn compact(layers: &mut [F32Layer]) -> Option<Vec<u32>> {
     }
     first.keep_inputs(&used);
     Some(used.iter().map(|&i| i as u32).collect())
+}
+
+/// The engine's transposed layers (`wt[i * n_out + o]`) as neuron removal sees them.
+impl crate::neurons::NeuronLayers for [F32Layer] {
+    fn depth(&self) -> usize {
+        self.len()
+    }
+    fn n_in(&self, l: usize) -> usize {
+        self[l].n_in
+    }
+    fn n_out(&self, l: usize) -> usize {
+        self[l].n_out
+    }
+    fn weight(&self, l: usize, o: usize, i: usize) -> f32 {
+        self[l].wt[i * self[l].n_out + o]
+    }
+    fn bias(&self, l: usize, o: usize) -> f32 {
+        self[l].bias[o]
+    }
+    fn add_to_bias(&mut self, l: usize, o: usize, v: f32) {
+        self[l].bias[o] += v;
+    }
+    fn keep_outputs(&mut self, l: usize, keep: &[usize]) {
+        self[l].keep_outputs(keep);
+    }
+    fn keep_inputs(&mut self, l: usize, keep: &[usize]) {
+        self[l].keep_inputs(keep);
+    }
 }
 
 /// One linear layer ready to run.

@@ -36,6 +36,7 @@ pub mod eval;
 pub mod interop;
 mod kernels;
 pub mod mlp;
+mod neurons;
 pub mod prune;
 pub mod quantize;
 pub mod train;

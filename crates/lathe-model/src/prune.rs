@@ -614,9 +614,9 @@ fn kill_neuron(layers: &mut [HostLayer], l: usize, j: usize) {
     }
 }
 
-/// Cuts out every hidden neuron whose outgoing weights are all zero (it cannot influence
-/// the output, whatever its activation), shrinking the next layer's inputs with it. Each
-/// hidden layer keeps at least one neuron.
+/// Cuts out every hidden neuron that cannot change an output ([`crate::neurons`]): those
+/// without outgoing weights, and those without incoming ones once their constant output is
+/// folded into the next layer's biases. Each hidden layer keeps at least one neuron.
 pub fn remove_dead_neurons_from(layers: &[LayerTensors]) -> Vec<LayerTensors> {
     let host: Vec<HostLayer> = layers
         .iter()
@@ -640,70 +640,62 @@ pub fn remove_dead_neurons_from(layers: &[LayerTensors]) -> Vec<LayerTensors> {
 }
 
 /// Cuts out the hidden neurons that cannot change an output, without changing what the
-/// network computes (up to the rounding of folded biases): a neuron whose outgoing weights
-/// are all zero is removed; one whose incoming weights are all zero outputs the constant
-/// `relu(bias)`, which is added to the next layer's biases before it is removed. Unstructured
-/// pruning leaves many such neurons (at 90 % on the digits MLP about a third of the first
-/// hidden layer), and each costs a bias, a scale once quantized, and a row of positions.
+/// network computes ([`crate::neurons`]).
 fn remove_dead_neurons(mut layers: Vec<HostLayer>) -> Vec<HostLayer> {
-    for l in 0..layers.len().saturating_sub(1) {
-        let n_out = layers[l].n_out;
-        let n_in = layers[l].n_in;
-        // A neuron without inputs outputs the constant relu(bias): it moves into the next
-        // layer's biases and its outgoing weights become zero, so the cut below takes it.
-        let (left, right) = layers.split_at_mut(l + 1);
-        let (this, next) = (&left[l], &mut right[0]);
-        for j in 0..n_out {
-            if this.w[j * n_in..(j + 1) * n_in].iter().all(|w| *w == 0.0) {
-                let constant = this.b[j].max(0.0);
-                for o in 0..next.n_out {
-                    next.b[o] += constant * next.w[o * n_out + j];
-                    next.w[o * n_out + j] = 0.0;
-                }
-            }
-        }
-        let next = &layers[l + 1];
-        let mut keep: Vec<usize> = (0..n_out)
-            .filter(|&j| (0..next.n_out).any(|o| next.w[o * n_out + j] != 0.0))
-            .collect();
-        if keep.is_empty() {
-            keep.push(0);
-        }
-        let layer = &layers[l];
-        let w: Vec<f32> = keep
-            .iter()
-            .flat_map(|&j| layer.w[j * n_in..(j + 1) * n_in].iter().copied())
-            .collect();
-        let b: Vec<f32> = keep.iter().map(|&j| layer.b[j]).collect();
-        let w_mask: Vec<bool> = keep
-            .iter()
-            .flat_map(|&j| layer.w_mask[j * n_in..(j + 1) * n_in].iter().copied())
-            .collect();
-        let b_mask: Vec<bool> = keep.iter().map(|&j| layer.b_mask[j]).collect();
-        layers[l] = HostLayer {
-            n_in,
-            n_out: keep.len(),
-            w,
-            b,
-            w_mask,
-            b_mask,
-        };
-        let next = &layers[l + 1];
-        let next_out = next.n_out;
-        let w: Vec<f32> = (0..next_out)
-            .flat_map(|o| keep.iter().map(move |&j| (o, j)))
-            .map(|(o, j)| next.w[o * n_out + j])
-            .collect();
-        let w_mask: Vec<bool> = (0..next_out)
-            .flat_map(|o| keep.iter().map(move |&j| (o, j)))
-            .map(|(o, j)| next.w_mask[o * n_out + j])
-            .collect();
-        let next = &mut layers[l + 1];
-        next.n_in = keep.len();
-        next.w = w;
-        next.w_mask = w_mask;
-    }
+    crate::neurons::remove_dead_neurons(layers.as_mut_slice());
     layers
+}
+
+/// The pruner's `[out][in]` layers, masks included, as neuron removal sees them.
+impl crate::neurons::NeuronLayers for [HostLayer] {
+    fn depth(&self) -> usize {
+        self.len()
+    }
+    fn n_in(&self, l: usize) -> usize {
+        self[l].n_in
+    }
+    fn n_out(&self, l: usize) -> usize {
+        self[l].n_out
+    }
+    fn weight(&self, l: usize, o: usize, i: usize) -> f32 {
+        self[l].w[o * self[l].n_in + i]
+    }
+    fn bias(&self, l: usize, o: usize) -> f32 {
+        self[l].b[o]
+    }
+    fn add_to_bias(&mut self, l: usize, o: usize, v: f32) {
+        self[l].b[o] += v;
+    }
+    fn keep_outputs(&mut self, l: usize, keep: &[usize]) {
+        let layer = &mut self[l];
+        let n_in = layer.n_in;
+        let rows = |m: &[f32]| -> Vec<f32> {
+            keep.iter()
+                .flat_map(|&o| m[o * n_in..(o + 1) * n_in].iter().copied())
+                .collect()
+        };
+        layer.w = rows(&layer.w);
+        layer.w_mask = keep
+            .iter()
+            .flat_map(|&o| layer.w_mask[o * n_in..(o + 1) * n_in].iter().copied())
+            .collect();
+        layer.b = keep.iter().map(|&o| layer.b[o]).collect();
+        layer.b_mask = keep.iter().map(|&o| layer.b_mask[o]).collect();
+        layer.n_out = keep.len();
+    }
+    fn keep_inputs(&mut self, l: usize, keep: &[usize]) {
+        let layer = &mut self[l];
+        let (n_in, n_out) = (layer.n_in, layer.n_out);
+        layer.w = (0..n_out)
+            .flat_map(|o| keep.iter().map(move |&i| o * n_in + i))
+            .map(|at| layer.w[at])
+            .collect();
+        layer.w_mask = (0..n_out)
+            .flat_map(|o| keep.iter().map(move |&i| o * n_in + i))
+            .map(|at| layer.w_mask[at])
+            .collect();
+        layer.n_in = keep.len();
+    }
 }
 
 /// Fine-tuning and Taylor scores on the standardised training split.
