@@ -669,12 +669,10 @@ impl crate::neurons::NeuronLayers for [HostLayer] {
     fn keep_outputs(&mut self, l: usize, keep: &[usize]) {
         let layer = &mut self[l];
         let n_in = layer.n_in;
-        let rows = |m: &[f32]| -> Vec<f32> {
-            keep.iter()
-                .flat_map(|&o| m[o * n_in..(o + 1) * n_in].iter().copied())
-                .collect()
-        };
-        layer.w = rows(&layer.w);
+        layer.w = keep
+            .iter()
+            .flat_map(|&o| layer.w[o * n_in..(o + 1) * n_in].iter().copied())
+            .collect();
         layer.w_mask = keep
             .iter()
             .flat_map(|&o| layer.w_mask[o * n_in..(o + 1) * n_in].iter().copied())
