@@ -69,8 +69,6 @@ impl StageHandler for Pruner {
         // The previous stage's artifact, or the network imported from model.source when the
         // pipeline starts here.
         let artifact = lathe_runtime::dataset::input_model(&ctx, &task, &splits).await?;
-        // The input's size is in its reference; an imported model has no stored input.
-        let input_bytes = task.input.as_ref().map(|r| r.bytes as f64);
         let report = ctx.progress_reporter();
         let steps_total = match cfg.target {
             Target::Fixed(_) => cfg.steps as u32,
@@ -97,33 +95,27 @@ impl StageHandler for Pruner {
         .map_err(|e| StageError::Retryable(format!("pruning thread failed: {e}")))?
         .map_err(|e| StageError::Permanent(e.to_string()))?;
 
-        let mut metrics = outcome_metrics(&outcome);
-        metrics.insert("seconds".into(), started.elapsed().as_secs_f64());
-        let mut artifact = outcome.artifact.clone();
-        let params_json = serde_json::to_value(&params).unwrap_or_default();
-        artifact.push_lineage("prune", params_json, metrics.clone());
-        artifact.metrics = metrics.clone();
-        let out = artifact.to_bytes();
-        metrics.insert("artifact_bytes".into(), out.len() as f64);
-        if let Some(bytes) = input_bytes {
-            metrics.insert("input_artifact_bytes".into(), bytes);
-        }
-        tracing::info!(
-            test_accuracy = outcome.test.accuracy,
-            sparsity = outcome.sparsity,
-            artifact_bytes = out.len(),
-            "Pruned"
-        );
-        Ok(StageOutput {
-            artifact: Some(out),
-            metrics,
-            details: Some(serde_json::json!({
+        let output = StageOutput::from_model(
+            "prune",
+            &task,
+            outcome.artifact.clone(),
+            serde_json::to_value(&params).unwrap_or_default(),
+            outcome_metrics(&outcome),
+            started,
+            serde_json::json!({
                 "test": outcome.test,
                 "steps": outcome.steps,
                 "hidden_before": outcome.hidden_before,
                 "hidden_after": outcome.hidden_after,
                 "layer_sparsity": outcome.layer_sparsity,
-            })),
-        })
+            }),
+        );
+        tracing::info!(
+            test_accuracy = outcome.test.accuracy,
+            sparsity = outcome.sparsity,
+            artifact_bytes = output.metrics["artifact_bytes"],
+            "Pruned"
+        );
+        Ok(output)
     }
 }

@@ -70,8 +70,6 @@ impl StageHandler for Quantizer {
         // The previous stage's artifact, or the network imported from model.source when the
         // pipeline starts here.
         let artifact = lathe_runtime::dataset::input_model(&ctx, &task, &splits).await?;
-        // The input's size is in its reference; an imported model has no stored input.
-        let input_bytes = task.input.as_ref().map(|r| r.bytes as f64);
         let span = tracing::info_span!("quantize", bits = ?cfg.bits);
         let outcome = tokio::task::spawn_blocking(move || {
             let _g = span.enter();
@@ -81,30 +79,24 @@ impl StageHandler for Quantizer {
         .map_err(|e| StageError::Retryable(format!("quantization thread failed: {e}")))?
         .map_err(|e| StageError::Permanent(e.to_string()))?;
 
-        let mut metrics = outcome_metrics(&outcome);
-        metrics.insert("seconds".into(), started.elapsed().as_secs_f64());
-        let mut artifact = outcome.artifact.clone();
-        let params_json = serde_json::to_value(&params).unwrap_or_default();
-        artifact.push_lineage("quantize", params_json, metrics.clone());
-        artifact.metrics = metrics.clone();
-        let out = artifact.to_bytes();
-        metrics.insert("artifact_bytes".into(), out.len() as f64);
-        if let Some(bytes) = input_bytes {
-            metrics.insert("input_artifact_bytes".into(), bytes);
-        }
+        let output = StageOutput::from_model(
+            "quantize",
+            &task,
+            outcome.artifact.clone(),
+            serde_json::to_value(&params).unwrap_or_default(),
+            outcome_metrics(&outcome),
+            started,
+            serde_json::json!({
+                "test": outcome.test,
+                "activation_ranges": outcome.activation_ranges,
+            }),
+        );
         tracing::info!(
             test_accuracy = outcome.test.accuracy,
             bits = outcome.bits,
-            artifact_bytes = out.len(),
+            artifact_bytes = output.metrics["artifact_bytes"],
             "Quantized"
         );
-        Ok(StageOutput {
-            artifact: Some(out),
-            metrics,
-            details: Some(serde_json::json!({
-                "test": outcome.test,
-                "activation_ranges": outcome.activation_ranges,
-            })),
-        })
+        Ok(output)
     }
 }

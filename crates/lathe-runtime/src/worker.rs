@@ -43,6 +43,36 @@ pub struct StageOutput {
     pub details: Option<serde_json::Value>,
 }
 
+impl StageOutput {
+    /// The output of a stage that turns its input model into a new one (prune, quantize):
+    /// `metrics` and `seconds` since `started` go into the artifact's lineage entry for
+    /// `stage` and its metrics, then the stored bytes (`artifact_bytes`) and the input's
+    /// (`input_artifact_bytes`, when the task had a stored input) into the recorded metrics.
+    pub fn from_model(
+        stage: &str,
+        task: &StageTask,
+        mut artifact: lathe_model::artifact::Artifact,
+        params: serde_json::Value,
+        mut metrics: BTreeMap<String, f64>,
+        started: std::time::Instant,
+        details: serde_json::Value,
+    ) -> StageOutput {
+        metrics.insert("seconds".into(), started.elapsed().as_secs_f64());
+        artifact.push_lineage(stage, params, metrics.clone());
+        artifact.metrics = metrics.clone();
+        let out = artifact.to_bytes();
+        metrics.insert("artifact_bytes".into(), out.len() as f64);
+        if let Some(input) = &task.input {
+            metrics.insert("input_artifact_bytes".into(), input.bytes as f64);
+        }
+        StageOutput {
+            artifact: Some(out),
+            metrics,
+            details: Some(details),
+        }
+    }
+}
+
 /// Why a stage could not finish a task.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
