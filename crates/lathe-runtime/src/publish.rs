@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream;
+use async_nats::jetstream::{self, ErrorCode, context::PublishError, context::PublishErrorKind};
 use bytes::Bytes;
 
 use crate::error::RuntimeError;
@@ -30,20 +30,44 @@ pub async fn publish_acked(
             .publish_with_headers(subject.to_string(), headers.clone(), payload.clone())
             .await
         {
-            Ok(ack) => ack
-                .await
-                .map(|_| ())
-                .map_err(|e| RuntimeError::nats("publish ack", format!("{subject}: {e}"))),
-            Err(e) => Err(RuntimeError::nats("publish", format!("{subject}: {e}"))),
+            Ok(ack) => ack.await.map(|_| ()),
+            Err(e) => Err(e),
         };
         match published {
             Ok(()) => return Ok(()),
+            Err(e) if refused(&e) => {
+                return Err(RuntimeError::nats("publish", format!("{subject}: {e}")));
+            }
             Err(e) if tokio::time::Instant::now() + pause < deadline => {
                 tracing::debug!(error = %e, "Not stored yet; publishing again");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                return Err(RuntimeError::nats("publish", format!("{subject}: {e}")));
+            }
         }
     }
+}
+
+/// A refusal that no retry changes: the message is too large for the server or the stream,
+/// or breaks an expectation it carries. Anything else (no responders while a leader is
+/// elected, a timeout, a lost connection, a stream briefly unavailable) is tried again.
+fn refused(e: &PublishError) -> bool {
+    match e.kind() {
+        PublishErrorKind::MaxPayloadExceeded
+        | PublishErrorKind::WrongLastMessageId
+        | PublishErrorKind::WrongLastSequence => true,
+        PublishErrorKind::Other => jetstream_code(e).is_some_and(|c| {
+            c == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                || c == ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM
+        }),
+        _ => false,
+    }
+}
+
+fn jetstream_code(e: &PublishError) -> Option<ErrorCode> {
+    std::error::Error::source(e)?
+        .downcast_ref::<jetstream::Error>()
+        .map(jetstream::Error::error_code)
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use lathe_proto::{EventKind, JobSpec, JobState, codec};
+use lathe_proto::{EventKind, JobSpec, JobState, codec, names};
 use lathe_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,4 +145,43 @@ async fn a_service_with_intake_off_leaves_submissions_to_one_with_it_on() {
     assert_eq!(record.state, JobState::Completed, "{:?}", record.error);
     no_intake.stop().await;
     with_intake.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_first_task_cannot_be_queued_fails_instead_of_waiting_for_ever() {
+    let s = stack().await;
+    let trainer = start_trainer(&s.server.url(), "t1").await;
+    // An operator shrinks the work stream's largest message below any task's size: the
+    // stream refuses every first task.
+    let mut work = s.res.js.get_stream(names::WORK_STREAM).await.unwrap();
+    let mut config = work.info().await.unwrap().config.clone();
+    config.max_message_size = 64;
+    s.res.js.update_stream(config).await.unwrap();
+
+    let job = submit(&s.res, &quick_spec("unqueueable", 2)).await;
+    // Intake tries each of its 5 deliveries, backing off 1, 2, 4 and 8 s in between.
+    let record = wait_job(&s.res, job, Duration::from_secs(60)).await;
+    assert_eq!(record.state, JobState::Failed);
+    let error = record.error.unwrap_or_default();
+    // The reason says what gave up and the server's own words ("message size exceeds
+    // maximum allowed").
+    assert!(
+        error.contains("intake could not queue the job after 5 deliveries")
+            && error.contains("maximum"),
+        "{error}"
+    );
+    wait_event(&s.res, job, EventKind::Failed, Duration::from_secs(5)).await;
+    let letters = dead_letters(&s.res).await;
+    let letter = letters
+        .iter()
+        .find(|l| l.job_id == Some(job))
+        .expect("the submission is dead-lettered");
+    assert_eq!(letter.subject, names::SUBMIT_SUBJECT);
+    assert_eq!(letter.deliveries, 5);
+    assert_eq!(
+        letter.payload,
+        quick_spec("unqueueable", 2),
+        "the submission as it was sent"
+    );
+    trainer.stop().await;
 }
