@@ -43,6 +43,16 @@ pub enum Command {
     Status { job: String },
     /// List every job.
     Jobs,
+    /// Remove the artifacts of jobs that ended more than N days ago, keeping every artifact a
+    /// version in the model registry points to (active, canary or retired).
+    Gc {
+        /// Only jobs that ended at least this many days ago (0: every ended job).
+        #[arg(long, default_value_t = 30.0)]
+        older_than_days: f64,
+        /// Report what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Create or update every stream, consumer and bucket lathe uses (idempotent; every
     /// service does the same at start, and the Kubernetes provisioning Job runs this).
     Provision,

@@ -175,6 +175,46 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Gc {
+            older_than_days,
+            dry_run,
+        } => {
+            if !(older_than_days >= 0.0 && older_than_days.is_finite()) {
+                bail!("--older-than-days must be a number of days ≥ 0, not {older_than_days}");
+            }
+            let s = Session::connect(&g).await?;
+            let cutoff =
+                lathe_proto::now_ms().saturating_sub((older_than_days * 86_400_000.0) as u64);
+            let report = lathe_runtime::artifacts::collect_garbage(
+                &s.artifacts().await?,
+                &s.registry().await?,
+                &s.jobs().await?,
+                cutoff,
+                dry_run,
+            )
+            .await?;
+            if g.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for (name, bytes) in &report.removed {
+                    println!(
+                        "{} {name} ({bytes} bytes)",
+                        if dry_run { "would remove" } else { "removed" }
+                    );
+                }
+                println!(
+                    "{} {} of {} artifacts ({} bytes); kept {} in the registry, {} of running or recent jobs, {} without a job record",
+                    if dry_run { "would remove" } else { "removed" },
+                    report.removed.len(),
+                    report.examined,
+                    report.removed_bytes,
+                    report.kept_in_registry,
+                    report.kept_recent,
+                    report.kept_without_record
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Provision => {
             Session::connect(&g).await?.provision().await?;
             if !g.json {

@@ -171,3 +171,99 @@ impl DatasetStore {
         Ok(out)
     }
 }
+
+/// What [`collect_garbage`] found, and removed unless it was a dry run.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct GarbageReport {
+    /// Artifacts in the bucket.
+    pub examined: usize,
+    /// Kept because a version in the model registry points to them.
+    pub kept_in_registry: usize,
+    /// Kept because their job is still running or ended after the cutoff.
+    pub kept_recent: usize,
+    /// Kept because no job record names them (never guessed at).
+    pub kept_without_record: usize,
+    /// Removed (or, in a dry run, to be removed): name and bytes.
+    pub removed: Vec<(String, u64)>,
+    pub removed_bytes: u64,
+    pub dry_run: bool,
+}
+
+/// Removes the artifacts nothing needs any more: those of jobs that ended (completed, failed
+/// or rejected) before `cutoff_ms`, unless a version in the model registry points to them —
+/// active, canary or retired alike, so a rollback still finds its artifact. A running job's
+/// artifacts, an artifact whose name names no job record, and everything newer than the
+/// cutoff are kept. With `dry_run`, reports what would go and removes nothing.
+pub async fn collect_garbage(
+    artifacts: &ArtifactStore,
+    registry: &crate::registry::Registry,
+    jobs: &crate::jobs::JobStore,
+    cutoff_ms: u64,
+    dry_run: bool,
+) -> Result<GarbageReport, RuntimeError> {
+    let referenced: std::collections::BTreeSet<String> = registry
+        .list()
+        .await?
+        .into_iter()
+        .flat_map(|entry| entry.versions.into_iter().map(|v| v.artifact.name))
+        .collect();
+    let mut listed = artifacts
+        .store
+        .list()
+        .await
+        .map_err(|e| RuntimeError::nats("list artifacts", e))?;
+    let mut objects = Vec::new();
+    while let Some(info) = listed.next().await {
+        let info = info.map_err(|e| RuntimeError::nats("list artifacts", e))?;
+        if !info.deleted {
+            objects.push((info.name, info.size as u64));
+        }
+    }
+    let mut report = GarbageReport {
+        examined: objects.len(),
+        dry_run,
+        ..Default::default()
+    };
+    let mut ended: std::collections::BTreeMap<String, Option<bool>> = Default::default();
+    for (name, size) in objects {
+        if referenced.contains(&name) {
+            report.kept_in_registry += 1;
+            continue;
+        }
+        // Artifact names are `<job>/<step>-<stage>` (names::artifact_name).
+        let job = name.split('/').next().unwrap_or_default().to_string();
+        let old_and_ended = match ended.get(&job) {
+            Some(known) => *known,
+            None => {
+                let known = match job.parse::<lathe_proto::JobId>() {
+                    Ok(id) => jobs.get(id).await?.map(|(r, _)| {
+                        r.state.is_terminal()
+                            && r.finished_at_ms.unwrap_or(r.updated_at_ms) < cutoff_ms
+                    }),
+                    Err(_) => None,
+                };
+                ended.insert(job, known);
+                known
+            }
+        };
+        match old_and_ended {
+            None => report.kept_without_record += 1,
+            Some(false) => report.kept_recent += 1,
+            Some(true) => {
+                if !dry_run {
+                    artifacts
+                        .store
+                        .delete(&name)
+                        .await
+                        .map_err(|e| RuntimeError::Artifact {
+                            name: name.clone(),
+                            reason: format!("cannot delete: {e}"),
+                        })?;
+                }
+                report.removed_bytes += size;
+                report.removed.push((name, size));
+            }
+        }
+    }
+    Ok(report)
+}

@@ -5,6 +5,7 @@ mod demo;
 mod deploy;
 mod distill;
 mod faults;
+mod gc;
 mod health;
 mod import;
 mod intake;

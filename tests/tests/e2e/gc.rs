@@ -1,0 +1,80 @@
+//! `lathe gc` against a real server: the artifacts of ended jobs go, unless a version in the
+//! model registry points to them; a dry run removes nothing.
+
+use std::time::Duration;
+
+use lathe_proto::JobState;
+use lathe_tests::*;
+
+/// Runs `lathe --json gc <args>` against `url` and returns its report.
+async fn gc(url: &str, args: &[&str]) -> serde_json::Value {
+    let mut cmd = std::process::Command::new(bin_dir().join("lathe"));
+    cmd.args(["--json", "gc"])
+        .args(args)
+        .env("NATS_URL", url)
+        .env("RUST_LOG", "warn");
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .expect("run lathe (build the binaries first: `cargo build --workspace --bins`)");
+    assert!(
+        out.status.success(),
+        "lathe gc failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("a JSON report")
+}
+
+fn removed(report: &serde_json::Value) -> Vec<String> {
+    report["removed"]
+        .as_array()
+        .expect("removed")
+        .iter()
+        .map(|r| r[0].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_removes_ended_jobs_artifacts_but_not_what_the_registry_points_to() {
+    let s = stack().await;
+    let url = s.server.url();
+    let trainer = start_trainer(&url, "t1").await;
+    let deployer = start_deployer(&url, "d1", serve_settings("d1")).await;
+    let deployed = submit(&s.res, &deploy_spec("kept", "gc-model", "")).await;
+    let deployed = wait_job(&s.res, deployed, Duration::from_secs(120)).await;
+    assert_eq!(deployed.state, JobState::Completed, "{:?}", deployed.error);
+    let plain = submit(&s.res, &quick_spec("dropped", 2)).await;
+    let plain = wait_job(&s.res, plain, Duration::from_secs(60)).await;
+    assert_eq!(plain.state, JobState::Completed, "{:?}", plain.error);
+    let kept = deployed.steps[0]
+        .artifact
+        .clone()
+        .expect("trained artifact");
+    let dropped = plain.steps[0].artifact.clone().expect("trained artifact");
+
+    // Nothing ended 30 days ago.
+    assert!(removed(&gc(&url, &[]).await).is_empty());
+
+    let dry = gc(&url, &["--older-than-days", "0", "--dry-run"]).await;
+    assert_eq!(removed(&dry), vec![dropped.name.clone()]);
+    assert_eq!(dry["kept_in_registry"], 1);
+    assert_eq!(dry["removed_bytes"], dropped.bytes);
+    s.res
+        .artifacts
+        .get(&dropped)
+        .await
+        .expect("a dry run removes nothing");
+
+    let done = gc(&url, &["--older-than-days", "0"]).await;
+    assert_eq!(removed(&done), vec![dropped.name.clone()]);
+    assert!(s.res.artifacts.get(&dropped).await.is_err(), "removed");
+    s.res
+        .artifacts
+        .get(&kept)
+        .await
+        .expect("the registered version's artifact stays");
+    assert!(removed(&gc(&url, &["--older-than-days", "0"]).await).is_empty());
+
+    trainer.stop().await;
+    deployer.stop().await;
+}
