@@ -14,7 +14,7 @@ use lathe_testkit::NatsServer;
 use lathe_tests::*;
 use tokio_util::sync::CancellationToken;
 
-const USERS: [&str; 8] = [
+const USERS: [&str; 9] = [
     "lathe-trainer",
     "lathe-distiller",
     "lathe-pruner",
@@ -22,6 +22,7 @@ const USERS: [&str; 8] = [
     "lathe-deployer",
     "lathe-monitor",
     "lathe-provision",
+    "lathe-gc",
     "lathe-client",
 ];
 
@@ -397,6 +398,29 @@ async fn services_process_a_job_with_their_own_prod_users() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The nightly clean-up with its own user: the trained model's artifact goes (the job
+    // ended, no version points to it), the registered quantized one stays.
+    let gc = |args: &'static [&'static str]| lathe_as(&url, "lathe-gc", args);
+    let report: serde_json::Value =
+        serde_json::from_str(&gc(&["--json", "gc", "--older-than-days", "0"]).await).unwrap();
+    let trained = record.steps[0]
+        .artifact
+        .clone()
+        .expect("the trained artifact");
+    let removed = |report: &serde_json::Value| -> Vec<String> {
+        report["removed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r[0].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(removed(&report), vec![trained.name.clone()], "{report}");
+    assert_eq!(report["kept_in_registry"], 1, "{report}");
+    let again: serde_json::Value =
+        serde_json::from_str(&gc(&["--json", "gc", "--older-than-days", "0"]).await).unwrap();
+    assert!(removed(&again).is_empty(), "{again}");
+    assert_eq!(again["kept_in_registry"], 1, "{again}");
     let health = lathe_as(
         &url,
         "lathe-client",
