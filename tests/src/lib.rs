@@ -217,21 +217,46 @@ pub async fn submit(res: &Resources, payload: &[u8]) -> JobId {
     job
 }
 
-/// Waits until the job's record is terminal.
+/// Waits until the job's record is terminal; a failed read (e.g. while a cluster elects a
+/// leader) is tried again until the timeout.
 pub async fn wait_job(res: &Resources, job: JobId, timeout: Duration) -> JobRecord {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some((r, _)) = res.jobs.get(job).await.expect("read job record")
+        let read = res.jobs.get(job).await;
+        if let Ok(Some((r, _))) = &read
             && r.state.is_terminal()
         {
-            return r;
+            return r.clone();
         }
         assert!(
             Instant::now() < deadline,
-            "job {job} did not end within {timeout:?}"
+            "job {job} did not end within {timeout:?}: {read:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Runs the `lathe` CLI binary with `args` and extra environment variables (NATS_URL,
+/// NATS_USER, …) and returns its standard output; panics with its output if it fails.
+pub async fn lathe_cli(args: &[&str], env: &[(&str, String)]) -> String {
+    let mut cmd = std::process::Command::new(bin_dir().join("lathe"));
+    cmd.args(args).env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("the CLI's thread")
+        .expect("run lathe (build the binaries first: `cargo build --workspace --bins`)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "`lathe {}` failed: {}\n{stdout}\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 /// Every event of a job stored so far.
@@ -350,4 +375,22 @@ pub fn quick_spec(name: &str, epochs: u32) -> Vec<u8> {
 /// The `proto/` directory.
 pub fn proto_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto")
+}
+
+/// `lathe --json gc <args>`: the clean-up's report.
+pub async fn lathe_gc(
+    args: &[&str],
+    env: &[(&str, String)],
+) -> lathe_runtime::artifacts::GarbageReport {
+    let args: Vec<&str> = ["--json", "gc"].iter().chain(args).copied().collect();
+    serde_json::from_str(&lathe_cli(&args, env).await).expect("a JSON report")
+}
+
+/// The names of the artifacts a clean-up removed, in its order.
+pub fn removed_names(report: &lathe_runtime::artifacts::GarbageReport) -> Vec<String> {
+    report
+        .removed
+        .iter()
+        .map(|(name, _)| name.clone())
+        .collect()
 }

@@ -364,7 +364,7 @@ async fn demo(g: &Global) -> anyhow::Result<ExitCode> {
     let services = tokio::spawn(local::run_services(g.nats_url.clone(), stop.clone()));
     let s = Session::connect(g).await?;
     // The services provision too, concurrently; the demo needs every stream before it submits.
-    s.provision().await?;
+    let res = s.provision().await?;
     let spec = JobSpec::parse(DEMO_SPEC.as_bytes(), Format::Json)
         .map_err(|e| anyhow::anyhow!("demo spec: {e:?}"))?;
     println!(
@@ -378,9 +378,11 @@ async fn demo(g: &Global) -> anyhow::Result<ExitCode> {
     );
     let job = s.submit(DEMO_SPEC.as_bytes().to_vec()).await?;
     let code = follow(&s, job, g.json).await?;
-    if let Some((record, _)) = s.jobs().await?.get(job).await?
-        && record.state == JobState::Completed
-    {
+    let completed = match res.jobs.get(job).await? {
+        Some((record, _)) if record.state == JobState::Completed => Some(record),
+        _ => None,
+    };
+    if let Some(record) = &completed {
         for step in &record.steps {
             let what = if step.stage == lathe_proto::Stage::Train {
                 "trained model"
@@ -407,8 +409,7 @@ async fn demo(g: &Global) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    if let Some((record, _)) = s.jobs().await?.get(job).await?
-        && record.state == JobState::Completed
+    if completed.is_some()
         && let Some(deploy) = &spec.deploy
     {
         demo_inference(&s, &deploy.model).await?;

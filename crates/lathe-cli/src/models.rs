@@ -87,9 +87,10 @@ pub async fn list(s: &Session, model: Option<String>, json: bool) -> anyhow::Res
     } else if entries.is_empty() {
         println!("no models deployed yet");
     } else {
+        let health = s.health().await?;
         for e in &entries {
             print_entry(e);
-            if let Some(h) = health_of(s, &e.model).await? {
+            if let Some(h) = health_of(&health, &e.model).await? {
                 print!("{}", health_table(&h));
             }
         }
@@ -143,8 +144,11 @@ fn health_table(h: &ModelHealth) -> String {
 }
 
 /// The monitor's latest figures of a model, if any.
-async fn health_of(s: &Session, model: &ModelName) -> anyhow::Result<Option<ModelHealth>> {
-    match s.health().await?.get(model.as_str()).await? {
+async fn health_of(
+    health: &async_nats::jetstream::kv::Store,
+    model: &ModelName,
+) -> anyhow::Result<Option<ModelHealth>> {
+    match health.get(model.as_str()).await? {
         Some(bytes) => {
             Ok(Some(codec::from_msgpack(&bytes).map_err(|e| {
                 anyhow::anyhow!("unreadable health of `{model}`: {e}")
@@ -169,8 +173,9 @@ pub async fn monitor(s: &Session, model: &str, once: bool, json: bool) -> anyhow
         }
         Ok(())
     };
+    let health = s.health().await?;
     if once {
-        match health_of(s, &m).await? {
+        match health_of(&health, &m).await? {
             Some(h) => show(&h, false)?,
             None => bail!(
                 "no health figures for `{m}` yet: is lathe-monitor running and the model deployed?"
@@ -178,7 +183,7 @@ pub async fn monitor(s: &Session, model: &str, once: bool, json: bool) -> anyhow
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut watch = s.health().await?.watch_with_history(m.as_str()).await?;
+    let mut watch = health.watch_with_history(m.as_str()).await?;
     eprintln!("watching the health of `{m}` (Ctrl-C stops)");
     while let Some(entry) = watch.next().await {
         let entry = entry?;

@@ -385,7 +385,7 @@ pub fn prune_mlp(
 fn finish(
     input: &Artifact,
     splits: &Splits,
-    layers: Vec<HostLayer>,
+    mut layers: Vec<HostLayer>,
     chosen_target: f64,
     baseline_test: f64,
     baseline_validation: f64,
@@ -395,7 +395,7 @@ fn finish(
     let original_sizes: Vec<usize> = original.layer_dims().iter().map(|(i, o)| i * o).collect();
     // Structured pruning's removed neurons and the neurons unstructured pruning left
     // without a use both go: the model stays the same function and gets narrower.
-    let layers = remove_dead_neurons(layers);
+    crate::neurons::remove_dead_neurons(&mut layers[..]);
     let hidden_after: Vec<usize> = layers[..layers.len() - 1].iter().map(|l| l.n_out).collect();
     let config = MlpConfig::new(original.input, hidden_after.clone(), original.classes);
     let tensors = layers
@@ -618,7 +618,7 @@ fn kill_neuron(layers: &mut [HostLayer], l: usize, j: usize) {
 /// without outgoing weights, and those without incoming ones once their constant output is
 /// folded into the next layer's biases. Each hidden layer keeps at least one neuron.
 pub fn remove_dead_neurons_from(layers: &[LayerTensors]) -> Vec<LayerTensors> {
-    let host: Vec<HostLayer> = layers
+    let mut host: Vec<HostLayer> = layers
         .iter()
         .map(|l| {
             let shape = l.weight.shape();
@@ -633,17 +633,13 @@ pub fn remove_dead_neurons_from(layers: &[LayerTensors]) -> Vec<LayerTensors> {
             }
         })
         .collect();
-    remove_dead_neurons(host)
-        .iter()
-        .map(HostLayer::tensors)
-        .collect()
+    crate::neurons::remove_dead_neurons(&mut host[..]);
+    host.iter().map(HostLayer::tensors).collect()
 }
 
-/// Cuts out the hidden neurons that cannot change an output, without changing what the
-/// network computes ([`crate::neurons`]).
-fn remove_dead_neurons(mut layers: Vec<HostLayer>) -> Vec<HostLayer> {
-    crate::neurons::remove_dead_neurons(layers.as_mut_slice());
-    layers
+/// The elements of `v` at the positions `at`, in that order.
+fn gather<T: Copy>(v: &[T], at: &[usize]) -> Vec<T> {
+    at.iter().map(|&i| v[i]).collect()
 }
 
 /// The pruner's `[out][in]` layers, masks included, as neuron removal sees them.
@@ -669,29 +665,24 @@ impl crate::neurons::NeuronLayers for [HostLayer] {
     fn keep_outputs(&mut self, l: usize, keep: &[usize]) {
         let layer = &mut self[l];
         let n_in = layer.n_in;
-        layer.w = keep
+        let rows: Vec<usize> = keep
             .iter()
-            .flat_map(|&o| layer.w[o * n_in..(o + 1) * n_in].iter().copied())
+            .flat_map(|&o| o * n_in..(o + 1) * n_in)
             .collect();
-        layer.w_mask = keep
-            .iter()
-            .flat_map(|&o| layer.w_mask[o * n_in..(o + 1) * n_in].iter().copied())
-            .collect();
-        layer.b = keep.iter().map(|&o| layer.b[o]).collect();
-        layer.b_mask = keep.iter().map(|&o| layer.b_mask[o]).collect();
+        layer.w = gather(&layer.w, &rows);
+        layer.w_mask = gather(&layer.w_mask, &rows);
+        layer.b = gather(&layer.b, keep);
+        layer.b_mask = gather(&layer.b_mask, keep);
         layer.n_out = keep.len();
     }
     fn keep_inputs(&mut self, l: usize, keep: &[usize]) {
         let layer = &mut self[l];
-        let (n_in, n_out) = (layer.n_in, layer.n_out);
-        layer.w = (0..n_out)
+        let n_in = layer.n_in;
+        let columns: Vec<usize> = (0..layer.n_out)
             .flat_map(|o| keep.iter().map(move |&i| o * n_in + i))
-            .map(|at| layer.w[at])
             .collect();
-        layer.w_mask = (0..n_out)
-            .flat_map(|o| keep.iter().map(move |&i| o * n_in + i))
-            .map(|at| layer.w_mask[at])
-            .collect();
+        layer.w = gather(&layer.w, &columns);
+        layer.w_mask = gather(&layer.w_mask, &columns);
         layer.n_in = keep.len();
     }
 }

@@ -173,7 +173,7 @@ impl DatasetStore {
 }
 
 /// What [`collect_garbage`] found, and removed unless it was a dry run.
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GarbageReport {
     /// Artifacts in the bucket.
     pub examined: usize,

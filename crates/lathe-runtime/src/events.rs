@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use crate::error::RuntimeError;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use lathe_proto::{EventKind, FieldError, JobEvent, JobId, Progress, Stage, codec, names, now_ms};
@@ -69,21 +68,22 @@ impl Events {
     pub async fn emit(&self, event: EventBuilder) {
         let event = event.build();
         let subject = names::event_subject(event.job_id, event.kind.as_str());
-        let payload = codec::to_msgpack(&event).into();
-        let stored = if event.kind.is_terminal() {
-            let mut headers = HeaderMap::new();
+        let mut headers = HeaderMap::new();
+        let patience = if event.kind.is_terminal() {
             let id = format!("{}.{}", event.job_id, event.kind.as_str());
             headers.insert("Nats-Msg-Id", id.as_str());
-            crate::publish::publish_acked(&self.js, &subject, headers, payload).await
+            crate::publish::PATIENCE
         } else {
-            match self.js.publish(subject, payload).await {
-                Ok(ack) => ack
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| RuntimeError::nats("publish ack", e)),
-                Err(e) => Err(RuntimeError::nats("publish", e)),
-            }
+            std::time::Duration::ZERO
         };
+        let stored = crate::publish::publish_acked(
+            &self.js,
+            &subject,
+            headers,
+            codec::to_msgpack(&event).into(),
+            patience,
+        )
+        .await;
         if let Err(e) = stored {
             tracing::warn!(job = %event.job_id, kind = event.kind.as_str(), error = %e, "Event not stored");
         }

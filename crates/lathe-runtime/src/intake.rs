@@ -21,7 +21,6 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::RuntimeError;
 use crate::events::EventBuilder;
-use crate::jobs::Change;
 use crate::provision::{INTAKE_MAX_DELIVER, Resources};
 use crate::{trace, worker};
 
@@ -79,33 +78,19 @@ pub async fn run_intake(
 async fn give_up(res: &Resources, msg: &jetstream::Message, delivered: u64, e: &RuntimeError) {
     let reason = format!("intake could not queue the job after {delivered} deliveries: {e}");
     tracing::error!(%reason, "Submission given up");
-    if let Ok(job) = job_id_of(msg) {
-        let now = now_ms();
-        let mut ended_here = false;
-        let updated = res
-            .jobs
-            .update(job, |r| {
-                ended_here = !r.state.is_terminal();
-                if !ended_here {
-                    return Change::Keep;
-                }
-                r.state = JobState::Failed;
-                r.error = Some(reason.clone());
-                r.finished_at_ms = Some(now);
-                Change::Write
-            })
+    let job = job_id_of(msg).ok();
+    if let Some(job) = job
+        && let Ok(true) = res.jobs.fail(job, &reason, None).await
+    {
+        res.events
+            .emit(EventBuilder::new(job, EventKind::Failed, reason.clone()))
             .await;
-        if updated.is_ok() && ended_here {
-            res.events
-                .emit(EventBuilder::new(job, EventKind::Failed, reason.clone()))
-                .await;
-        }
     }
     worker::dead_letter(
         res,
         "intake",
         names::SUBMIT_SUBJECT,
-        job_id_of(msg).ok(),
+        job,
         None,
         &reason,
         delivered,

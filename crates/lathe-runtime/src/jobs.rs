@@ -3,7 +3,7 @@
 
 use async_nats::jetstream::kv;
 use futures::StreamExt;
-use lathe_proto::{JobId, JobRecord, codec, now_ms};
+use lathe_proto::{JobId, JobRecord, JobState, StepState, codec, now_ms};
 
 use crate::error::RuntimeError;
 
@@ -86,6 +86,39 @@ impl JobStore {
                 Err(e) => return Err(RuntimeError::nats("kv update", e)),
             }
         }
+    }
+
+    /// Marks a job failed with `error` (and, given a step, that step with its own reason),
+    /// unless it already ended. Returns whether this call ended it: the caller then ends the
+    /// job's trace or announces it.
+    pub async fn fail(
+        &self,
+        job: JobId,
+        error: &str,
+        step: Option<(u32, &str)>,
+    ) -> Result<bool, RuntimeError> {
+        let now = now_ms();
+        // The closure may run again on a conflict; the last run decides.
+        let mut ended_here = false;
+        self.update(job, |r| {
+            ended_here = !r.state.is_terminal();
+            if !ended_here {
+                return Change::Keep;
+            }
+            r.state = JobState::Failed;
+            r.error = Some(error.to_string());
+            r.finished_at_ms = Some(now);
+            if let Some((step, reason)) = step
+                && let Some(s) = r.steps.get_mut(step as usize)
+            {
+                s.state = StepState::Failed;
+                s.error = Some(reason.to_string());
+                s.finished_at_ms = Some(now);
+            }
+            Change::Write
+        })
+        .await?;
+        Ok(ended_here)
     }
 
     /// Every job record (for `lathe jobs`); unreadable ones are skipped with a warning.

@@ -58,13 +58,13 @@ pub fn stage_consumer_config(stage: Stage, w: &WorkerSettings) -> consumer::pull
     }
 }
 
-/// How many copies a stream has now, or `None` when it does not exist.
-async fn existing_replicas(
+/// A stream's configuration as the server has it, or `None` when it does not exist.
+async fn existing_config(
     js: &jetstream::Context,
     stream: &str,
-) -> Result<Option<usize>, RuntimeError> {
+) -> Result<Option<stream::Config>, RuntimeError> {
     match js.get_stream(stream).await {
-        Ok(s) => Ok(Some(s.cached_info().config.num_replicas)),
+        Ok(s) => Ok(Some(s.cached_info().config.clone())),
         Err(e) => match e.kind() {
             GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND => {
                 Ok(None)
@@ -83,7 +83,9 @@ async fn replicas_for(
 ) -> Result<usize, RuntimeError> {
     match setting {
         Some(n) => Ok(n),
-        None => Ok(existing_replicas(js, stream).await?.unwrap_or(1)),
+        None => Ok(existing_config(js, stream)
+            .await?
+            .map_or(1, |c| c.num_replicas)),
     }
 }
 
@@ -242,7 +244,7 @@ async fn object_store_open(
     setting: Option<usize>,
 ) -> Result<object_store::ObjectStore, RuntimeError> {
     let stream = format!("OBJ_{bucket}");
-    match existing_replicas(js, &stream).await? {
+    match existing_config(js, &stream).await? {
         None => {
             let cfg = object_store::Config {
                 bucket: bucket.into(),
@@ -256,15 +258,8 @@ async fn object_store_open(
             }
             // Created by another service meanwhile: opened below.
         }
-        Some(have) => {
-            if let Some(want) = setting.filter(|w| *w != have) {
-                let mut cfg = js
-                    .get_stream(&stream)
-                    .await
-                    .map_err(|e| prov(format!("stream {stream}"))(e.to_string()))?
-                    .cached_info()
-                    .config
-                    .clone();
+        Some(mut cfg) => {
+            if let Some(want) = setting.filter(|w| *w != cfg.num_replicas) {
                 cfg.num_replicas = want;
                 js.update_stream(cfg)
                     .await

@@ -16,14 +16,16 @@ use crate::error::RuntimeError;
 /// than the intake consumer's ack wait (30 s).
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
-/// Publishes and waits for the stream's ack, trying again for up to [`PATIENCE`].
+/// Publishes and waits for the stream's ack, trying again for up to `patience` (usually
+/// [`PATIENCE`]; zero tries once).
 pub async fn publish_acked(
     js: &jetstream::Context,
     subject: &str,
     headers: HeaderMap,
     payload: Bytes,
+    patience: Duration,
 ) -> Result<(), RuntimeError> {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let deadline = tokio::time::Instant::now() + patience;
     let mut pause = Duration::from_millis(250);
     loop {
         let published = match js

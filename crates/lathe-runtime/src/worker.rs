@@ -634,9 +634,15 @@ pub async fn publish_task(
     );
     headers.insert(names::CONTENT_TYPE_HEADER, codec::MSGPACK);
     trace::inject(&span.context(), &mut headers);
-    crate::publish::publish_acked(&res.js, &subject, headers, codec::to_msgpack(task).into())
-        .instrument(span)
-        .await
+    crate::publish::publish_acked(
+        &res.js,
+        &subject,
+        headers,
+        codec::to_msgpack(task).into(),
+        crate::publish::PATIENCE,
+    )
+    .instrument(span)
+    .await
 }
 
 /// The task will not be retried: fail the job and keep the task where operators look.
@@ -665,36 +671,20 @@ async fn give_up(
 
 /// Marks the job (and the task's step) failed with a reason, and says so in events.
 pub(crate) async fn fail_job(res: &Resources, task: &StageTask, reason: &str) {
-    let now = now_ms();
-    // Whether this call is the one that ended the job (the closure may run again on conflict).
-    let mut ended_here = false;
-    let updated = res
+    let error = format!("{} failed: {reason}", task.stage);
+    match res
         .jobs
-        .update(task.job_id, |r| {
-            ended_here = !r.state.is_terminal();
-            if !ended_here {
-                return Change::Keep;
-            }
-            r.state = JobState::Failed;
-            r.error = Some(format!("{} failed: {reason}", task.stage));
-            r.finished_at_ms = Some(now);
-            if let Some(s) = r.steps.get_mut(task.step as usize) {
-                s.state = StepState::Failed;
-                s.error = Some(reason.to_string());
-                s.finished_at_ms = Some(now);
-            }
-            Change::Write
-        })
-        .await;
-    match updated {
+        .fail(task.job_id, &error, Some((task.step, reason)))
+        .await
+    {
         Err(e) => tracing::warn!(job = %task.job_id, error = %e, "Cannot mark the job failed"),
-        Ok(_) if ended_here => trace::end_job_root(
+        Ok(true) => trace::end_job_root(
             task.job_id,
             &task.spec.name,
             task.accepted_at_ms,
             Some(reason),
         ),
-        Ok(_) => {}
+        Ok(false) => {}
     }
     res.events
         .emit(
@@ -703,11 +693,7 @@ pub(crate) async fn fail_job(res: &Resources, task: &StageTask, reason: &str) {
         )
         .await;
     res.events
-        .emit(EventBuilder::new(
-            task.job_id,
-            EventKind::Failed,
-            format!("{} failed: {reason}", task.stage),
-        ))
+        .emit(EventBuilder::new(task.job_id, EventKind::Failed, error))
         .await;
 }
 

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use lathe_proto::{JobId, JobRecord, JobState, names};
+use lathe_proto::{JobId, JobState, names};
 use lathe_runtime::{NatsSettings, Resources, WorkerSettings, service};
 use lathe_testkit::NatsCluster;
 use lathe_tests::*;
@@ -68,42 +68,16 @@ async fn submit_acked(res: &Resources, spec: &[u8]) -> JobId {
         async_nats::header::NATS_MESSAGE_ID,
         job.to_string().as_str(),
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let acked = match res
-            .js
-            .publish_with_headers(names::SUBMIT_SUBJECT, headers.clone(), spec.to_vec().into())
-            .await
-        {
-            Ok(ack) => ack.await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match acked {
-            Ok(_) => return job,
-            Err(e) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "the submit stream never took the job: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
-}
-
-/// Waits for the job's record to be terminal, reading through leader elections.
-async fn wait_record(res: &Resources, job: JobId) -> JobRecord {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let read = res.jobs.get(job).await;
-        if let Ok(Some((r, _))) = &read
-            && r.state.is_terminal()
-        {
-            return r.clone();
-        }
-        assert!(Instant::now() < deadline, "job {job} did not end: {read:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    lathe_runtime::publish::publish_acked(
+        &res.js,
+        names::SUBMIT_SUBJECT,
+        headers,
+        spec.to_vec().into(),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the submit stream never took the job: {e}"));
+    job
 }
 
 fn spec(name: &str) -> Vec<u8> {
@@ -147,7 +121,7 @@ async fn three_copies_of_every_stream_keep_jobs_running_when_a_node_dies() {
     }
 
     let first = submit_acked(&res, &spec("before-the-loss")).await;
-    let first = wait_record(&res, first).await;
+    let first = wait_job(&res, first, Duration::from_secs(120)).await;
     assert_eq!(first.state, JobState::Completed, "{:?}", first.error);
     let artifact = first.steps[1]
         .artifact
@@ -160,7 +134,7 @@ async fn three_copies_of_every_stream_keep_jobs_running_when_a_node_dies() {
     cluster.node_named(&leader).stop();
 
     let second = submit_acked(&res, &spec("after-the-loss")).await;
-    let second = wait_record(&res, second).await;
+    let second = wait_job(&res, second, Duration::from_secs(120)).await;
     assert_eq!(second.state, JobState::Completed, "{:?}", second.error);
     assert!(second.steps[1].metrics["test_accuracy"] > 0.8);
     // What was stored before the loss is still there.

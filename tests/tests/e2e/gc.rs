@@ -6,38 +6,11 @@ use std::time::Duration;
 use lathe_proto::JobState;
 use lathe_tests::*;
 
-/// Runs `lathe --json gc <args>` against `url` and returns its report.
-async fn gc(url: &str, args: &[&str]) -> serde_json::Value {
-    let mut cmd = std::process::Command::new(bin_dir().join("lathe"));
-    cmd.args(["--json", "gc"])
-        .args(args)
-        .env("NATS_URL", url)
-        .env("RUST_LOG", "warn");
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .expect("run lathe (build the binaries first: `cargo build --workspace --bins`)");
-    assert!(
-        out.status.success(),
-        "lathe gc failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("a JSON report")
-}
-
-fn removed(report: &serde_json::Value) -> Vec<String> {
-    report["removed"]
-        .as_array()
-        .expect("removed")
-        .iter()
-        .map(|r| r[0].as_str().unwrap().to_string())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_removes_ended_jobs_artifacts_but_not_what_the_registry_points_to() {
     let s = stack().await;
     let url = s.server.url();
+    let env = [("NATS_URL", url.clone())];
     let trainer = start_trainer(&url, "t1").await;
     let deployer = start_deployer(&url, "d1", serve_settings("d1")).await;
     let deployed = submit(&s.res, &deploy_spec("kept", "gc-model", "")).await;
@@ -53,27 +26,32 @@ async fn gc_removes_ended_jobs_artifacts_but_not_what_the_registry_points_to() {
     let dropped = plain.steps[0].artifact.clone().expect("trained artifact");
 
     // Nothing ended 30 days ago.
-    assert!(removed(&gc(&url, &[]).await).is_empty());
+    assert!(lathe_gc(&[], &env).await.removed.is_empty());
 
-    let dry = gc(&url, &["--older-than-days", "0", "--dry-run"]).await;
-    assert_eq!(removed(&dry), vec![dropped.name.clone()]);
-    assert_eq!(dry["kept_in_registry"], 1);
-    assert_eq!(dry["removed_bytes"], dropped.bytes);
+    let dry = lathe_gc(&["--older-than-days", "0", "--dry-run"], &env).await;
+    assert_eq!(removed_names(&dry), vec![dropped.name.clone()]);
+    assert_eq!(dry.kept_in_registry, 1);
+    assert_eq!(dry.removed_bytes, dropped.bytes);
     s.res
         .artifacts
         .get(&dropped)
         .await
         .expect("a dry run removes nothing");
 
-    let done = gc(&url, &["--older-than-days", "0"]).await;
-    assert_eq!(removed(&done), vec![dropped.name.clone()]);
+    let done = lathe_gc(&["--older-than-days", "0"], &env).await;
+    assert_eq!(removed_names(&done), vec![dropped.name.clone()]);
     assert!(s.res.artifacts.get(&dropped).await.is_err(), "removed");
     s.res
         .artifacts
         .get(&kept)
         .await
         .expect("the registered version's artifact stays");
-    assert!(removed(&gc(&url, &["--older-than-days", "0"]).await).is_empty());
+    assert!(
+        lathe_gc(&["--older-than-days", "0"], &env)
+            .await
+            .removed
+            .is_empty()
+    );
 
     trainer.stop().await;
     deployer.stop().await;

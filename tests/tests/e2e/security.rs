@@ -118,28 +118,20 @@ async fn violation(errors: &Mutex<Vec<String>>, subject: &str) -> String {
 /// would, with NATS_USER/NATS_PASSWORD) and returns its standard output; panics, with its
 /// output, if it fails.
 async fn lathe_as(url: &str, user: &str, args: &[&str]) -> String {
-    let mut cmd = std::process::Command::new(bin_dir().join("lathe"));
-    cmd.args(args)
-        .env("NATS_URL", url)
-        .env("NATS_USER", user)
-        .env("NATS_PASSWORD", password(user))
-        .env("RUST_LOG", "warn");
+    lathe_cli(args, &user_env(url, user)).await
+}
+
+/// The environment a prod user's process gets: the server, its credentials, its inbox prefix.
+fn user_env(url: &str, user: &str) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("NATS_URL", url.to_string()),
+        ("NATS_USER", user.to_string()),
+        ("NATS_PASSWORD", password(user)),
+    ];
     if user != "lathe-client" {
-        cmd.env("NATS_INBOX_PREFIX", format!("_INBOX_{user}"));
+        env.push(("NATS_INBOX_PREFIX", format!("_INBOX_{user}")));
     }
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .expect("run lathe (build the binaries first: `cargo build --workspace --bins`)");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "`lathe {}` as {user} failed: {}\n{stdout}\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    env
 }
 
 async fn work_messages(res: &Resources) -> u64 {
@@ -400,27 +392,21 @@ async fn services_process_a_job_with_their_own_prod_users() {
     }
     // The nightly clean-up with its own user: the trained model's artifact goes (the job
     // ended, no version points to it), the registered quantized one stays.
-    let gc = |args: &'static [&'static str]| lathe_as(&url, "lathe-gc", args);
-    let report: serde_json::Value =
-        serde_json::from_str(&gc(&["--json", "gc", "--older-than-days", "0"]).await).unwrap();
+    let gc_env = user_env(&url, "lathe-gc");
+    let report = lathe_gc(&["--older-than-days", "0"], &gc_env).await;
     let trained = record.steps[0]
         .artifact
         .clone()
         .expect("the trained artifact");
-    let removed = |report: &serde_json::Value| -> Vec<String> {
-        report["removed"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r[0].as_str().unwrap().to_string())
-            .collect()
-    };
-    assert_eq!(removed(&report), vec![trained.name.clone()], "{report}");
-    assert_eq!(report["kept_in_registry"], 1, "{report}");
-    let again: serde_json::Value =
-        serde_json::from_str(&gc(&["--json", "gc", "--older-than-days", "0"]).await).unwrap();
-    assert!(removed(&again).is_empty(), "{again}");
-    assert_eq!(again["kept_in_registry"], 1, "{again}");
+    assert_eq!(
+        removed_names(&report),
+        vec![trained.name.clone()],
+        "{report:?}"
+    );
+    assert_eq!(report.kept_in_registry, 1, "{report:?}");
+    let again = lathe_gc(&["--older-than-days", "0"], &gc_env).await;
+    assert!(again.removed.is_empty(), "{again:?}");
+    assert_eq!(again.kept_in_registry, 1, "{again:?}");
     let health = lathe_as(
         &url,
         "lathe-client",
