@@ -452,6 +452,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut quant_rows = Vec::new();
     let mut int8_model = None;
     let mut breakdowns = Vec::new();
+    let mut code_entropy: Vec<(usize, f64)> = Vec::new();
     for (label, input, cfg) in [
         (
             "int8 per-channel symmetric",
@@ -526,6 +527,9 @@ fn main() -> Result<(), Box<dyn Error>> {
         {
             breakdowns.push((label, o.artifact.byte_breakdown()));
         }
+        if label.starts_with("int8 per-channel symmetric") {
+            code_entropy = code_entropy_per_layer(&o.artifact);
+        }
         if int8_model.is_none() {
             int8_model = Some(o.artifact);
         }
@@ -539,6 +543,29 @@ fn main() -> Result<(), Box<dyn Error>> {
                 *n as f64 / total.max(1) as f64 * 100.0
             );
         }
+    }
+    // What lossless coding of the int8 codes can reach: their zeroth-order entropy.
+    println!("\nint8 per-channel symmetric: the weight codes' entropy against what is stored");
+    println!(
+        "{:<10} {:>8} {:>16} {:>16}",
+        "layer", "codes", "entropy bits", "stored bits"
+    );
+    for (i, (n, entropy)) in code_entropy.iter().enumerate() {
+        let stored = breakdowns
+            .iter()
+            .find(|(l, _)| l.starts_with("int8 per-channel symmetric"))
+            .and_then(|(_, parts)| {
+                let name = format!("layer {i} weight values");
+                parts.iter().find(|(p, _)| *p == name).map(|(_, b)| *b)
+            })
+            .unwrap_or(0);
+        println!(
+            "{:<10} {:>8} {:>16.3} {:>16.3}",
+            i,
+            n,
+            entropy,
+            stored as f64 * 8.0 / *n.max(&1) as f64
+        );
     }
     let breakdown_json: serde_json::Map<String, serde_json::Value> = breakdowns
         .iter()
@@ -636,4 +663,44 @@ fn main() -> Result<(), Box<dyn Error>> {
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// Per layer of a quantized model: how many codes its weight stores, and their zeroth-order
+/// entropy in bits a code (the floor for coding them one at a time without context).
+fn code_entropy_per_layer(artifact: &lathe_model::Artifact) -> Vec<(usize, f64)> {
+    artifact
+        .layers
+        .iter()
+        .filter_map(|l| match &l.weight {
+            lathe_model::artifact::TensorData::QuantizedInt {
+                bits,
+                sparse,
+                indices,
+                data,
+                ..
+            } => {
+                let n = if *sparse {
+                    indices.len()
+                } else {
+                    l.weight.element_count()
+                };
+                let mut counts = [0usize; 256];
+                for k in 0..n {
+                    counts
+                        [lathe_model::artifact::quantized_value(data, *bits, k) as u8 as usize] +=
+                        1;
+                }
+                let entropy = counts
+                    .iter()
+                    .filter(|&&c| c > 0)
+                    .map(|&c| {
+                        let p = c as f64 / n as f64;
+                        -p * p.log2()
+                    })
+                    .sum();
+                Some((n, entropy))
+            }
+            _ => None,
+        })
+        .collect()
 }
