@@ -43,8 +43,9 @@ pub enum Command {
     Status { job: String },
     /// List every job.
     Jobs,
-    /// Remove the artifacts of jobs that ended more than N days ago, keeping every artifact a
-    /// version in the model registry points to (active, canary or retired).
+    /// Remove the artifacts and records of jobs that ended more than N days ago, keeping every
+    /// artifact a version in the model registry points to (active, canary or retired) and the
+    /// record of the job it came from.
     Gc {
         /// Only jobs that ended at least this many days ago (0: every ended job).
         #[arg(long, default_value_t = 30.0)]

@@ -212,6 +212,12 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
                     report.kept_recent,
                     report.kept_without_record
                 );
+                println!(
+                    "{} {} job records of ended jobs; kept {} that registered versions come from",
+                    if dry_run { "would remove" } else { "removed" },
+                    report.removed_jobs.len(),
+                    report.kept_jobs_in_registry
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

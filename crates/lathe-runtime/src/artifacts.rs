@@ -186,6 +186,13 @@ pub struct GarbageReport {
     /// Removed (or, in a dry run, to be removed): name and bytes.
     pub removed: Vec<(String, u64)>,
     pub removed_bytes: u64,
+    /// Job records removed (or to be removed): jobs that ended before the cutoff and that no
+    /// registered version comes from.
+    #[serde(default)]
+    pub removed_jobs: Vec<String>,
+    /// Records of ended jobs kept because a registered version comes from them.
+    #[serde(default)]
+    pub kept_jobs_in_registry: usize,
     pub dry_run: bool,
 }
 
@@ -193,7 +200,11 @@ pub struct GarbageReport {
 /// or rejected) before `cutoff_ms`, unless a version in the model registry points to them —
 /// active, canary or retired alike, so a rollback still finds its artifact. A running job's
 /// artifacts, an artifact whose name names no job record, and everything newer than the
-/// cutoff are kept. With `dry_run`, reports what would go and removes nothing.
+/// cutoff are kept. Then the records of those old jobs go too, except a job a registered
+/// version comes from (its lineage stays readable). Records go after their artifacts: a run
+/// cut short between the two leaves records whose artifacts are gone, which the next run
+/// removes, never artifacts without a record, which no run would dare remove. With
+/// `dry_run`, reports what would go and removes nothing.
 pub async fn collect_garbage(
     artifacts: &ArtifactStore,
     registry: &crate::registry::Registry,
@@ -236,10 +247,10 @@ pub async fn collect_garbage(
             Some(known) => *known,
             None => {
                 let known = match job.parse::<lathe_proto::JobId>() {
-                    Ok(id) => jobs.get(id).await?.map(|(r, _)| {
-                        r.state.is_terminal()
-                            && r.finished_at_ms.unwrap_or(r.updated_at_ms) < cutoff_ms
-                    }),
+                    Ok(id) => jobs
+                        .get(id)
+                        .await?
+                        .map(|(r, _)| crate::jobs::ended_before(&r, cutoff_ms)),
                     Err(_) => None,
                 };
                 ended.insert(job, known);
@@ -263,6 +274,24 @@ pub async fn collect_garbage(
                 report.removed_bytes += size;
                 report.removed.push((name, size));
             }
+        }
+    }
+
+    let registered_jobs: std::collections::BTreeSet<&str> = referenced
+        .iter()
+        .filter_map(|name| name.split('/').next())
+        .collect();
+    for record in jobs.list().await? {
+        if !crate::jobs::ended_before(&record, cutoff_ms) {
+            continue;
+        }
+        let job = record.job_id.to_string();
+        if registered_jobs.contains(job.as_str()) {
+            report.kept_jobs_in_registry += 1;
+            continue;
+        }
+        if dry_run || jobs.purge_ended(record.job_id, cutoff_ms).await? {
+            report.removed_jobs.push(job);
         }
     }
     Ok(report)

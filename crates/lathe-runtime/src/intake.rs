@@ -80,8 +80,9 @@ async fn give_up(res: &Resources, msg: &jetstream::Message, delivered: u64, e: &
     tracing::error!(%reason, "Submission given up");
     let job = job_id_of(msg).ok();
     if let Some(job) = job
-        && let Ok(true) = res.jobs.fail(job, &reason, None).await
+        && let Ok(Some(record)) = res.jobs.fail(job, &reason, None).await
     {
+        trace::end_job_root(job, &record.name, record.submitted_at_ms, Some(&reason));
         res.events
             .emit(EventBuilder::new(job, EventKind::Failed, reason.clone()))
             .await;

@@ -89,36 +89,54 @@ impl JobStore {
     }
 
     /// Marks a job failed with `error` (and, given a step, that step with its own reason),
-    /// unless it already ended. Returns whether this call ended it: the caller then ends the
-    /// job's trace or announces it.
+    /// unless it already ended. Returns the record when this call ended the job: the caller
+    /// then ends the job's trace and announces it.
     pub async fn fail(
         &self,
         job: JobId,
         error: &str,
         step: Option<(u32, &str)>,
-    ) -> Result<bool, RuntimeError> {
+    ) -> Result<Option<JobRecord>, RuntimeError> {
         let now = now_ms();
         // The closure may run again on a conflict; the last run decides.
         let mut ended_here = false;
-        self.update(job, |r| {
-            ended_here = !r.state.is_terminal();
-            if !ended_here {
-                return Change::Keep;
-            }
-            r.state = JobState::Failed;
-            r.error = Some(error.to_string());
-            r.finished_at_ms = Some(now);
-            if let Some((step, reason)) = step
-                && let Some(s) = r.steps.get_mut(step as usize)
-            {
-                s.state = StepState::Failed;
-                s.error = Some(reason.to_string());
-                s.finished_at_ms = Some(now);
-            }
-            Change::Write
-        })
-        .await?;
-        Ok(ended_here)
+        let record = self
+            .update(job, |r| {
+                ended_here = !r.state.is_terminal();
+                if !ended_here {
+                    return Change::Keep;
+                }
+                r.state = JobState::Failed;
+                r.error = Some(error.to_string());
+                r.finished_at_ms = Some(now);
+                if let Some((step, reason)) = step
+                    && let Some(s) = r.steps.get_mut(step as usize)
+                {
+                    s.state = StepState::Failed;
+                    s.error = Some(reason.to_string());
+                    s.finished_at_ms = Some(now);
+                }
+                Change::Write
+            })
+            .await?;
+        Ok(ended_here.then_some(record))
+    }
+
+    /// Removes a job's record (every revision of it) if the job ended before `cutoff_ms`;
+    /// returns whether it did. The removal expects the revision it checked, so a record that
+    /// changes meanwhile stays.
+    pub async fn purge_ended(&self, job: JobId, cutoff_ms: u64) -> Result<bool, RuntimeError> {
+        let Some((record, revision)) = self.get(job).await? else {
+            return Ok(false);
+        };
+        if !ended_before(&record, cutoff_ms) {
+            return Ok(false);
+        }
+        self.kv
+            .purge_expect_revision(job.to_string(), Some(revision))
+            .await
+            .map_err(|e| RuntimeError::nats("kv purge", e))?;
+        Ok(true)
     }
 
     /// Every job record (for `lathe jobs`); unreadable ones are skipped with a warning.
@@ -143,4 +161,9 @@ impl JobStore {
         out.sort_by_key(|r| r.submitted_at_ms);
         Ok(out)
     }
+}
+
+/// Whether a job ended (completed, failed or rejected) before `cutoff_ms`.
+pub fn ended_before(record: &JobRecord, cutoff_ms: u64) -> bool {
+    record.state.is_terminal() && record.finished_at_ms.unwrap_or(record.updated_at_ms) < cutoff_ms
 }

@@ -678,13 +678,13 @@ pub(crate) async fn fail_job(res: &Resources, task: &StageTask, reason: &str) {
         .await
     {
         Err(e) => tracing::warn!(job = %task.job_id, error = %e, "Cannot mark the job failed"),
-        Ok(true) => trace::end_job_root(
+        Ok(Some(_)) => trace::end_job_root(
             task.job_id,
             &task.spec.name,
             task.accepted_at_ms,
             Some(reason),
         ),
-        Ok(false) => {}
+        Ok(None) => {}
     }
     res.events
         .emit(

@@ -1,5 +1,5 @@
-//! `lathe gc` against a real server: the artifacts of ended jobs go, unless a version in the
-//! model registry points to them; a dry run removes nothing.
+//! `lathe gc` against a real server: the artifacts and records of ended jobs go, unless a
+//! version in the model registry points to them; a dry run removes nothing.
 
 use std::time::Duration;
 
@@ -32,6 +32,9 @@ async fn gc_removes_ended_jobs_artifacts_but_not_what_the_registry_points_to() {
     assert_eq!(removed_names(&dry), vec![dropped.name.clone()]);
     assert_eq!(dry.kept_in_registry, 1);
     assert_eq!(dry.removed_bytes, dropped.bytes);
+    assert_eq!(dry.removed_jobs, vec![plain.job_id.to_string()]);
+    assert_eq!(dry.kept_jobs_in_registry, 1);
+    assert!(s.res.jobs.get(plain.job_id).await.unwrap().is_some());
     s.res
         .artifacts
         .get(&dropped)
@@ -41,17 +44,27 @@ async fn gc_removes_ended_jobs_artifacts_but_not_what_the_registry_points_to() {
     let done = lathe_gc(&["--older-than-days", "0"], &env).await;
     assert_eq!(removed_names(&done), vec![dropped.name.clone()]);
     assert!(s.res.artifacts.get(&dropped).await.is_err(), "removed");
+    // The ended job's record goes after its artifacts; the deployed job's stays, so the
+    // registered version's lineage still reads.
+    assert_eq!(done.removed_jobs, vec![plain.job_id.to_string()]);
+    assert!(s.res.jobs.get(plain.job_id).await.unwrap().is_none());
+    assert!(
+        !s.res
+            .jobs
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.job_id == plain.job_id)
+    );
+    assert!(s.res.jobs.get(deployed.job_id).await.unwrap().is_some());
     s.res
         .artifacts
         .get(&kept)
         .await
         .expect("the registered version's artifact stays");
-    assert!(
-        lathe_gc(&["--older-than-days", "0"], &env)
-            .await
-            .removed
-            .is_empty()
-    );
+    let again = lathe_gc(&["--older-than-days", "0"], &env).await;
+    assert!(again.removed.is_empty() && again.removed_jobs.is_empty());
 
     trainer.stop().await;
     deployer.stop().await;

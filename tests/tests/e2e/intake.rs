@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use lathe_proto::{EventKind, JobSpec, JobState, codec, names};
+use lathe_testkit::otlp::OtlpReceiver;
 use lathe_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,10 +151,36 @@ async fn a_service_with_intake_off_leaves_submissions_to_one_with_it_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_first_task_cannot_be_queued_fails_instead_of_waiting_for_ever() {
     let s = stack().await;
-    let trainer = start_trainer(&s.server.url(), "t1").await;
-    // An operator shrinks the work stream's largest message below any task's size: the
-    // stream refuses every first task.
+    // The service runs as a process exporting its spans, to see the job's trace end too.
+    let receiver = OtlpReceiver::start().await;
+    let trainer = spawn_service(
+        "lathe-trainer",
+        &s.server.url(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ],
+    );
+    // Once the process has provisioned (it then waits on its stage's consumer), an operator
+    // shrinks the work stream's largest message below any task's size: the stream refuses
+    // every first task.
     let mut work = s.res.js.get_stream(names::WORK_STREAM).await.unwrap();
+    let train_consumer = names::stage_consumer(lathe_proto::Stage::Train);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting = match work.consumer_info(&train_consumer).await {
+            Ok(info) => info.num_waiting,
+            Err(_) => 0,
+        };
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the trainer never pulled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let mut config = work.info().await.unwrap().config.clone();
     config.max_message_size = 64;
     s.res.js.update_stream(config).await.unwrap();
@@ -183,5 +210,30 @@ async fn a_job_whose_first_task_cannot_be_queued_fails_instead_of_waiting_for_ev
         quick_spec("unqueueable", 2),
         "the submission as it was sent"
     );
-    trainer.stop().await;
+
+    // The job's trace ends: its root span, from submission to the give-up, has the error.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &trainer.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = trainer.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let spans = receiver.spans();
+    let root = spans
+        .iter()
+        .find(|sp| sp.span_id == lathe_runtime::trace::root_span_id(job).to_bytes().to_vec())
+        .unwrap_or_else(|| {
+            let names: Vec<_> = spans.iter().map(|sp| &sp.name).collect();
+            panic!("no root span among {names:?}")
+        });
+    assert_eq!(root.name, "job unqueueable");
+    assert_eq!(root.trace_id, job.trace_id_bytes().to_vec());
+    assert!(root.parent_span_id.is_empty());
+    assert_eq!(root.status_code, 2, "the root span's status is an error");
+    assert_eq!(
+        root.start_unix_nano,
+        record.submitted_at_ms * 1_000_000,
+        "the root span starts at the submission"
+    );
 }

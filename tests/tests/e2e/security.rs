@@ -390,10 +390,38 @@ async fn services_process_a_job_with_their_own_prod_users() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // A spec intake rejects, published by the client: its record is one gc removes.
+    let rejected = lathe_proto::JobId::new();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(names::JOB_ID_HEADER, rejected.to_string().as_str());
+    js.publish_with_headers(names::SUBMIT_SUBJECT, headers, "{}".into())
+        .await
+        .unwrap()
+        .await
+        .expect("stored in LATHE_SUBMIT");
+    let jobs_kv = js.get_key_value(names::JOBS_BUCKET).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while jobs_kv.get(rejected.to_string()).await.unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no record for the rejected spec"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // The nightly clean-up with its own user: the trained model's artifact goes (the job
-    // ended, no version points to it), the registered quantized one stays.
+    // ended, no version points to it), the registered quantized one stays, and so does its
+    // job's record; the rejected job's record goes.
     let gc_env = user_env(&url, "lathe-gc");
     let report = lathe_gc(&["--older-than-days", "0"], &gc_env).await;
+    assert_eq!(
+        report.removed_jobs,
+        vec![rejected.to_string()],
+        "{report:?}"
+    );
+    assert_eq!(report.kept_jobs_in_registry, 1, "{report:?}");
+    assert!(jobs_kv.get(rejected.to_string()).await.unwrap().is_none());
+    assert!(jobs_kv.get(&job).await.unwrap().is_some());
     let trained = record.steps[0]
         .artifact
         .clone()
@@ -406,6 +434,7 @@ async fn services_process_a_job_with_their_own_prod_users() {
     assert_eq!(report.kept_in_registry, 1, "{report:?}");
     let again = lathe_gc(&["--older-than-days", "0"], &gc_env).await;
     assert!(again.removed.is_empty(), "{again:?}");
+    assert!(again.removed_jobs.is_empty(), "{again:?}");
     assert_eq!(again.kept_in_registry, 1, "{again:?}");
     let health = lathe_as(
         &url,
