@@ -124,7 +124,9 @@ impl JobStore {
 
     /// Removes a job's record (every revision of it) if the job ended before `cutoff_ms`;
     /// returns whether it did. The removal expects the revision it checked, so a record that
-    /// changes meanwhile stays.
+    /// changes meanwhile stays. A KV purge leaves a marker message behind, one per key, which
+    /// would pile up over the years: the marker goes too, by a purge of the key's subject up
+    /// to the marker's own sequence, so nothing written after it could be lost.
     pub async fn purge_ended(&self, job: JobId, cutoff_ms: u64) -> Result<bool, RuntimeError> {
         let Some((record, revision)) = self.get(job).await? else {
             return Ok(false);
@@ -132,10 +134,26 @@ impl JobStore {
         if !ended_before(&record, cutoff_ms) {
             return Ok(false);
         }
+        let key = job.to_string();
         self.kv
-            .purge_expect_revision(job.to_string(), Some(revision))
+            .purge_expect_revision(&key, Some(revision))
             .await
             .map_err(|e| RuntimeError::nats("kv purge", e))?;
+        if let Some(marker) = self
+            .kv
+            .entry(&key)
+            .await
+            .map_err(|e| RuntimeError::nats("kv get", e))?
+            && marker.operation != kv::Operation::Put
+        {
+            self.kv
+                .stream
+                .purge()
+                .filter(format!("{}{key}", self.kv.prefix))
+                .sequence(marker.revision + 1)
+                .await
+                .map_err(|e| RuntimeError::nats("purge the record's marker", e))?;
+        }
         Ok(true)
     }
 

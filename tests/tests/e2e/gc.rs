@@ -48,6 +48,24 @@ async fn gc_removes_ended_jobs_artifacts_but_not_what_the_registry_points_to() {
     // registered version's lineage still reads.
     assert_eq!(done.removed_jobs, vec![plain.job_id.to_string()]);
     assert!(s.res.jobs.get(plain.job_id).await.unwrap().is_none());
+    // Not even the purge's marker stays behind.
+    let jobs_stream = s
+        .res
+        .js
+        .get_stream(format!("KV_{}", lathe_proto::names::JOBS_BUCKET))
+        .await
+        .unwrap();
+    assert!(
+        jobs_stream
+            .get_last_raw_message_by_subject(&format!(
+                "$KV.{}.{}",
+                lathe_proto::names::JOBS_BUCKET,
+                plain.job_id
+            ))
+            .await
+            .is_err(),
+        "the purged record left a message"
+    );
     assert!(
         !s.res
             .jobs
