@@ -50,6 +50,11 @@ pub enum Command {
         /// Only jobs that ended at least this many days ago (0: every ended job).
         #[arg(long, default_value_t = 30.0)]
         older_than_days: f64,
+        /// Also forget each model's registry versions beyond the newest N (the active
+        /// version, the canary and the version a rollback returns to always stay); their
+        /// artifacts and job records then go like any other.
+        #[arg(long)]
+        keep_versions: Option<usize>,
         /// Report what would be removed, remove nothing.
         #[arg(long)]
         dry_run: bool,

@@ -177,6 +177,7 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Gc {
             older_than_days,
+            keep_versions,
             dry_run,
         } => {
             if !(older_than_days >= 0.0 && older_than_days.is_finite()) {
@@ -190,12 +191,19 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
                 &s.registry().await?,
                 &s.jobs().await?,
                 cutoff,
+                keep_versions,
                 dry_run,
             )
             .await?;
             if g.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
+                for (model, version) in &report.forgotten_versions {
+                    println!(
+                        "{} {model} version {version}",
+                        if dry_run { "would forget" } else { "forgot" }
+                    );
+                }
                 for (name, bytes) in &report.removed {
                     println!(
                         "{} {name} ({bytes} bytes)",

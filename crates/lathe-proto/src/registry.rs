@@ -87,6 +87,9 @@ pub enum ChangeKind {
     Promote,
     /// Traffic went back to an earlier version (or a canary was withdrawn).
     Rollback,
+    /// A version was forgotten (`lathe gc --keep-versions`): it left the registry, and its
+    /// artifact goes with the next collection.
+    Forget,
     /// A monitoring policy was attached.
     Policy,
 }
@@ -205,7 +208,16 @@ impl ModelEntry {
         if let Some(v) = self.version_of_job(new.job_id, new.step) {
             return (v.version, false);
         }
-        let version = self.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+        // Numbers are never reused, not even a forgotten version's (its number stays in the
+        // history): a replica that loaded version n must never meet another version n.
+        let version = self
+            .versions
+            .iter()
+            .map(|v| v.version)
+            .chain(self.history.iter().map(|c| c.version))
+            .max()
+            .unwrap_or(0)
+            + 1;
         let job = new.job_id;
         self.versions.push(ModelVersion {
             version,
@@ -314,6 +326,39 @@ impl ModelEntry {
             .filter(|&v| v != current)
     }
 
+    /// Forgets old versions: keeps the active version, the canary, the version a rollback
+    /// of the active one returns to, and the `keep` newest others; the rest leave
+    /// `versions` (each forgetting is recorded in the history). Returns what was forgotten.
+    pub fn forget_old_versions(&mut self, keep: usize, by: &str) -> Vec<ModelVersion> {
+        let mut pinned = std::collections::BTreeSet::new();
+        if let Some(active) = self.active {
+            pinned.insert(active);
+            pinned.extend(self.previous_active(active));
+        }
+        pinned.extend(self.canary.as_ref().map(|c| c.version));
+        let mut others: Vec<u32> = self
+            .versions
+            .iter()
+            .map(|v| v.version)
+            .filter(|v| !pinned.contains(v))
+            .collect();
+        others.sort_unstable_by(|a, b| b.cmp(a));
+        let forget: std::collections::BTreeSet<u32> = others.into_iter().skip(keep).collect();
+        if forget.is_empty() {
+            return Vec::new();
+        }
+        let (gone, kept): (Vec<ModelVersion>, Vec<ModelVersion>) =
+            std::mem::take(&mut self.versions)
+                .into_iter()
+                .partition(|v| forget.contains(&v.version));
+        self.versions = kept;
+        let why = format!("older than the {keep} newest versions kept");
+        for v in &gone {
+            self.record(ChangeKind::Forget, v.version, self.active, by, &why);
+        }
+        gone
+    }
+
     /// Attaches a monitoring policy.
     pub fn attach_policy(&mut self, policy: MonitorParams, version: u32, by: &str) {
         self.policy = Some(policy);
@@ -405,6 +450,63 @@ mod tests {
         ));
         assert!(e.rollback(Some(1), "t", "x").is_err(), "already active");
         assert_eq!(e.rollback(Some(2), "t", "x").unwrap(), 2);
+    }
+
+    #[test]
+    fn forgetting_keeps_what_serves_and_what_a_rollback_needs() {
+        let mut e = entry();
+        for _ in 0..5 {
+            e.register(new_version(JobId::new(), DeployStrategy::Replace), "t");
+        }
+        // 6 is a canary; 5 is active, and a rollback of it returns to 4.
+        e.register(new_version(JobId::new(), DeployStrategy::Canary), "t");
+        assert_eq!(
+            (e.active, e.canary.as_ref().map(|c| c.version)),
+            (Some(5), Some(6))
+        );
+        let gone: Vec<u32> = e
+            .forget_old_versions(1, "gc")
+            .iter()
+            .map(|v| v.version)
+            .collect();
+        // Of 1, 2 and 3 the newest stays.
+        assert_eq!(gone, vec![1, 2]);
+        let kept: Vec<u32> = e.versions.iter().map(|v| v.version).collect();
+        assert_eq!(kept, vec![3, 4, 5, 6]);
+        assert_eq!(e.serving(), vec![(5, 90.0), (6, 10.0)]);
+        assert!(
+            e.forget_old_versions(1, "gc").is_empty(),
+            "nothing more to forget"
+        );
+        let forgets: Vec<u32> = e
+            .history
+            .iter()
+            .filter(|c| c.kind == ChangeKind::Forget)
+            .map(|c| c.version)
+            .collect();
+        assert_eq!(forgets, vec![1, 2]);
+
+        // Keeping none: only the canary, the active version and its rollback target stay.
+        let gone: Vec<u32> = e
+            .forget_old_versions(0, "gc")
+            .iter()
+            .map(|v| v.version)
+            .collect();
+        assert_eq!(gone, vec![3]);
+        assert_eq!(e.rollback(None, "t", "slow").unwrap(), 5, "the canary goes");
+        assert_eq!(e.rollback(None, "t", "bad").unwrap(), 4);
+        assert!(matches!(
+            e.rollback(Some(1), "t", "x"),
+            Err(RegistryError::UnknownVersion { version: 1, .. })
+        ));
+
+        // The withdrawn canary, the newest version, is forgotten; its number is not reused.
+        e.forget_old_versions(0, "gc");
+        assert!(e.version(6).is_none());
+        assert_eq!(
+            e.register(new_version(JobId::new(), DeployStrategy::Replace), "t"),
+            (7, true)
+        );
     }
 
     #[test]

@@ -193,6 +193,9 @@ pub struct GarbageReport {
     /// Records of ended jobs kept because a registered version comes from them.
     #[serde(default)]
     pub kept_jobs_in_registry: usize,
+    /// Registry versions forgotten (or to be) under `keep_versions`: model and version.
+    #[serde(default)]
+    pub forgotten_versions: Vec<(String, u32)>,
     pub dry_run: bool,
 }
 
@@ -203,21 +206,51 @@ pub struct GarbageReport {
 /// cutoff are kept. Then the records of those old jobs go too, except a job a registered
 /// version comes from (its lineage stays readable). Records go after their artifacts: a run
 /// cut short between the two leaves records whose artifacts are gone, which the next run
-/// removes, never artifacts without a record, which no run would dare remove. With
-/// `dry_run`, reports what would go and removes nothing.
+/// removes, never artifacts without a record, which no run would dare remove.
+///
+/// With `keep_versions`, each model's registry entry first forgets its old versions (see
+/// `ModelEntry::forget_old_versions`: the active version, the canary, the active one's
+/// rollback target and the newest `keep_versions` others stay), by compare-and-set; their
+/// artifacts and records then go like any other. With `dry_run`, reports what would go and
+/// changes nothing.
 pub async fn collect_garbage(
     artifacts: &ArtifactStore,
     registry: &crate::registry::Registry,
     jobs: &crate::jobs::JobStore,
     cutoff_ms: u64,
+    keep_versions: Option<usize>,
     dry_run: bool,
 ) -> Result<GarbageReport, RuntimeError> {
-    let referenced: std::collections::BTreeSet<String> = registry
-        .list()
-        .await?
-        .into_iter()
-        .flat_map(|entry| entry.versions.into_iter().map(|v| v.artifact.name))
-        .collect();
+    let mut report = GarbageReport {
+        dry_run,
+        ..Default::default()
+    };
+    let mut referenced = std::collections::BTreeSet::new();
+    for mut entry in registry.list().await? {
+        if let Some(keep) = keep_versions {
+            let mut forgotten = entry.forget_old_versions(keep, "lathe gc");
+            // Written only when there is something to forget: every write wakes the replicas.
+            if !forgotten.is_empty() && !dry_run {
+                let (written, gone) = registry
+                    .update(&entry.model, false, |e| {
+                        Ok(e.forget_old_versions(keep, "lathe gc"))
+                    })
+                    .await
+                    .map_err(|e| RuntimeError::Nats {
+                        op: "registry update",
+                        reason: e.to_string(),
+                    })?;
+                entry = written;
+                forgotten = gone;
+            }
+            report.forgotten_versions.extend(
+                forgotten
+                    .iter()
+                    .map(|v| (entry.model.to_string(), v.version)),
+            );
+        }
+        referenced.extend(entry.versions.into_iter().map(|v| v.artifact.name));
+    }
     let mut listed = artifacts
         .store
         .list()
@@ -230,11 +263,7 @@ pub async fn collect_garbage(
             objects.push((info.name, info.size as u64));
         }
     }
-    let mut report = GarbageReport {
-        examined: objects.len(),
-        dry_run,
-        ..Default::default()
-    };
+    report.examined = objects.len();
     let mut ended: std::collections::BTreeMap<String, Option<bool>> = Default::default();
     for (name, size) in objects {
         if referenced.contains(&name) {

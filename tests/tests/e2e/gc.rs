@@ -87,3 +87,66 @@ async fn gc_removes_ended_jobs_artifacts_but_not_what_the_registry_points_to() {
     trainer.stop().await;
     deployer.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_forgets_old_versions_but_keeps_the_active_one_and_its_rollback_target() {
+    let s = stack().await;
+    let url = s.server.url();
+    let env = [("NATS_URL", url.clone())];
+    let trainer = start_trainer(&url, "t1").await;
+    let deployer = start_deployer(&url, "d1", serve_settings("d1")).await;
+    // Three deploys of one model: versions 1, 2 and 3; 3 is active, a rollback returns to 2.
+    let mut records = Vec::new();
+    for i in 1..=3 {
+        let job = submit(&s.res, &deploy_spec(&format!("v{i}"), "gc-versions", "")).await;
+        let record = wait_job(&s.res, job, Duration::from_secs(120)).await;
+        assert_eq!(record.state, JobState::Completed, "{:?}", record.error);
+        records.push(record);
+    }
+    let model: lathe_proto::ModelName = "gc-versions".parse().unwrap();
+    let first = records[0].steps[0]
+        .artifact
+        .clone()
+        .expect("deployed artifact");
+
+    // Without --keep-versions every version's artifact stays.
+    let plain = lathe_gc(&["--older-than-days", "0"], &env).await;
+    assert!(plain.forgotten_versions.is_empty());
+    assert_eq!(plain.kept_in_registry, 3, "{plain:?}");
+
+    let dry = lathe_gc(
+        &[
+            "--older-than-days",
+            "0",
+            "--keep-versions",
+            "0",
+            "--dry-run",
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(dry.forgotten_versions, vec![("gc-versions".to_string(), 1)]);
+    assert_eq!(removed_names(&dry), vec![first.name.clone()]);
+    let (entry, _) = s.res.registry.get(&model).await.unwrap().unwrap();
+    assert_eq!(entry.versions.len(), 3, "a dry run changes nothing");
+
+    let done = lathe_gc(&["--older-than-days", "0", "--keep-versions", "0"], &env).await;
+    assert_eq!(
+        done.forgotten_versions,
+        vec![("gc-versions".to_string(), 1)]
+    );
+    assert_eq!(removed_names(&done), vec![first.name.clone()]);
+    assert_eq!(done.removed_jobs, vec![records[0].job_id.to_string()]);
+    let (entry, _) = s.res.registry.get(&model).await.unwrap().unwrap();
+    let versions: Vec<u32> = entry.versions.iter().map(|v| v.version).collect();
+    assert_eq!(versions, vec![2, 3]);
+    assert!(s.res.artifacts.get(&first).await.is_err(), "removed");
+    assert!(s.res.jobs.get(records[0].job_id).await.unwrap().is_none());
+
+    // The rollback target still loads: traffic goes back to version 2.
+    lathe_cli(&["rollback", "gc-versions"], &env).await;
+    let (entry, _) = s.res.registry.get(&model).await.unwrap().unwrap();
+    assert_eq!(entry.active, Some(2));
+    trainer.stop().await;
+    deployer.stop().await;
+}

@@ -436,6 +436,44 @@ async fn services_process_a_job_with_their_own_prod_users() {
     assert!(again.removed.is_empty(), "{again:?}");
     assert!(again.removed_jobs.is_empty(), "{again:?}");
     assert_eq!(again.kept_in_registry, 1, "{again:?}");
+
+    // Two more versions of `prod` (train → deploy). gc with --keep-versions, as the CronJob
+    // runs it, rewrites the registry entry as the gc user: version 1 is forgotten, and its
+    // quantized artifact and its job's record go; 2 (a rollback's target) and 3 (active) stay.
+    for i in 2..=3 {
+        let spec = lathe_testkit::write_file(
+            dir.path(),
+            &format!("prod-v{i}.json"),
+            &format!(
+                r#"{{"name": "prod-v{i}", "dataset": {{"source": "builtin:digits"}},
+                "model": {{"hidden": [32]}}, "train": {{"epochs": 10, "seed": {i}}},
+                "pipeline": ["train", "deploy"], "deploy": {{"model": "prod"}}}}"#
+            ),
+        );
+        let out = lathe_as(
+            &url,
+            "lathe-client",
+            &["--json", "submit", spec.to_str().unwrap(), "--watch"],
+        )
+        .await;
+        let last: serde_json::Value =
+            serde_json::from_str(out.lines().last().expect("events")).unwrap();
+        assert_eq!(last["kind"], "completed", "{out}");
+    }
+    let report = lathe_gc(&["--older-than-days", "0", "--keep-versions", "0"], &gc_env).await;
+    assert_eq!(
+        report.forgotten_versions,
+        vec![("prod".to_string(), 1)],
+        "{report:?}"
+    );
+    let quantized = record.steps[1]
+        .artifact
+        .clone()
+        .expect("the quantized artifact");
+    assert_eq!(removed_names(&report), vec![quantized.name], "{report:?}");
+    assert_eq!(report.removed_jobs, vec![job.clone()], "{report:?}");
+    assert_eq!(report.kept_in_registry, 2, "{report:?}");
+    assert!(jobs_kv.get(&job).await.unwrap().is_none());
     let health = lathe_as(
         &url,
         "lathe-client",
