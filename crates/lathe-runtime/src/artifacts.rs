@@ -226,6 +226,7 @@ pub async fn collect_garbage(
         ..Default::default()
     };
     let mut referenced = std::collections::BTreeSet::new();
+    let mut registered_jobs = std::collections::BTreeSet::new();
     for mut entry in registry.list().await? {
         if let Some(keep) = keep_versions {
             let mut forgotten = entry.forget_old_versions(keep, "lathe gc");
@@ -249,7 +250,10 @@ pub async fn collect_garbage(
                     .map(|v| (entry.model.to_string(), v.version)),
             );
         }
-        referenced.extend(entry.versions.into_iter().map(|v| v.artifact.name));
+        for v in entry.versions {
+            registered_jobs.insert(v.job_id);
+            referenced.insert(v.artifact.name);
+        }
     }
     let mut listed = artifacts
         .store
@@ -306,21 +310,16 @@ pub async fn collect_garbage(
         }
     }
 
-    let registered_jobs: std::collections::BTreeSet<&str> = referenced
-        .iter()
-        .filter_map(|name| name.split('/').next())
-        .collect();
     for record in jobs.list().await? {
         if !crate::jobs::ended_before(&record, cutoff_ms) {
             continue;
         }
-        let job = record.job_id.to_string();
-        if registered_jobs.contains(job.as_str()) {
+        if registered_jobs.contains(&record.job_id) {
             report.kept_jobs_in_registry += 1;
             continue;
         }
         if dry_run || jobs.purge_ended(record.job_id, cutoff_ms).await? {
-            report.removed_jobs.push(job);
+            report.removed_jobs.push(record.job_id.to_string());
         }
     }
     Ok(report)
