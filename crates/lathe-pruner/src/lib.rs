@@ -95,24 +95,27 @@ impl StageHandler for Pruner {
         .map_err(|e| StageError::Retryable(format!("pruning thread failed: {e}")))?
         .map_err(|e| StageError::Permanent(e.to_string()))?;
 
+        let metrics = outcome_metrics(&outcome);
+        let details = serde_json::json!({
+            "test": outcome.test,
+            "steps": outcome.steps,
+            "hidden_before": outcome.hidden_before,
+            "hidden_after": outcome.hidden_after,
+            "layer_sparsity": outcome.layer_sparsity,
+        });
+        let (accuracy, sparsity) = (outcome.test.accuracy, outcome.sparsity);
         let output = StageOutput::from_model(
             "prune",
             &task,
-            outcome.artifact.clone(),
-            serde_json::to_value(&params).unwrap_or_default(),
-            outcome_metrics(&outcome),
+            outcome.artifact,
+            &params,
+            metrics,
             started,
-            serde_json::json!({
-                "test": outcome.test,
-                "steps": outcome.steps,
-                "hidden_before": outcome.hidden_before,
-                "hidden_after": outcome.hidden_after,
-                "layer_sparsity": outcome.layer_sparsity,
-            }),
+            details,
         );
         tracing::info!(
-            test_accuracy = outcome.test.accuracy,
-            sparsity = outcome.sparsity,
+            test_accuracy = accuracy,
+            sparsity,
             artifact_bytes = output.metrics["artifact_bytes"],
             "Pruned"
         );

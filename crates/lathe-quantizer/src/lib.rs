@@ -79,21 +79,24 @@ impl StageHandler for Quantizer {
         .map_err(|e| StageError::Retryable(format!("quantization thread failed: {e}")))?
         .map_err(|e| StageError::Permanent(e.to_string()))?;
 
+        let metrics = outcome_metrics(&outcome);
+        let details = serde_json::json!({
+            "test": outcome.test,
+            "activation_ranges": outcome.activation_ranges,
+        });
+        let (accuracy, bits) = (outcome.test.accuracy, outcome.bits);
         let output = StageOutput::from_model(
             "quantize",
             &task,
-            outcome.artifact.clone(),
-            serde_json::to_value(&params).unwrap_or_default(),
-            outcome_metrics(&outcome),
+            outcome.artifact,
+            &params,
+            metrics,
             started,
-            serde_json::json!({
-                "test": outcome.test,
-                "activation_ranges": outcome.activation_ranges,
-            }),
+            details,
         );
         tracing::info!(
-            test_accuracy = outcome.test.accuracy,
-            bits = outcome.bits,
+            test_accuracy = accuracy,
+            bits,
             artifact_bytes = output.metrics["artifact_bytes"],
             "Quantized"
         );

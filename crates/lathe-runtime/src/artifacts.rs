@@ -2,7 +2,7 @@
 //! SHA-256 digest; a read recomputes the digest and refuses bytes that do not match, naming
 //! the artifact.
 
-use async_nats::jetstream::object_store::ObjectStore;
+use async_nats::jetstream::object_store::{ObjectInfo, ObjectStore};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE;
 use futures::StreamExt;
@@ -150,26 +150,34 @@ impl DatasetStore {
     }
 
     pub async fn list(&self) -> Result<Vec<DatasetInfo>, RuntimeError> {
-        let mut list = self
-            .store
-            .list()
-            .await
-            .map_err(|e| RuntimeError::nats("object list", e))?;
-        let mut out = Vec::new();
-        while let Some(info) = list.next().await {
-            let info = info.map_err(|e| RuntimeError::nats("object list", e))?;
-            if info.deleted {
-                continue;
-            }
-            out.push(DatasetInfo {
+        let mut out: Vec<DatasetInfo> = list_objects(&self.store)
+            .await?
+            .into_iter()
+            .map(|info| DatasetInfo {
                 name: info.name,
                 bytes: info.size as u64,
                 digest: info.digest.unwrap_or_default(),
-            });
-        }
+            })
+            .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
+}
+
+/// The objects a store holds now (deleted ones left out).
+async fn list_objects(store: &ObjectStore) -> Result<Vec<ObjectInfo>, RuntimeError> {
+    let mut list = store
+        .list()
+        .await
+        .map_err(|e| RuntimeError::nats("object list", e))?;
+    let mut out = Vec::new();
+    while let Some(info) = list.next().await {
+        let info = info.map_err(|e| RuntimeError::nats("object list", e))?;
+        if !info.deleted {
+            out.push(info);
+        }
+    }
+    Ok(out)
 }
 
 /// What [`collect_garbage`] found, and removed unless it was a dry run.
@@ -202,8 +210,8 @@ pub struct GarbageReport {
 /// Removes the artifacts nothing needs any more: those of jobs that ended (completed, failed
 /// or rejected) before `cutoff_ms`, unless a version in the model registry points to them —
 /// active, canary or retired alike, so a rollback still finds its artifact. A running job's
-/// artifacts, an artifact whose name names no job record, and everything newer than the
-/// cutoff are kept. Then the records of those old jobs go too, except a job a registered
+/// artifacts, an artifact whose name names no (readable) job record, and everything newer
+/// than the cutoff are kept. Then the records of those old jobs go too, except a job a registered
 /// version comes from (its lineage stays readable). Records go after their artifacts: a run
 /// cut short between the two leaves records whose artifacts are gone, which the next run
 /// removes, never artifacts without a record, which no run would dare remove.
@@ -255,42 +263,29 @@ pub async fn collect_garbage(
             referenced.insert(v.artifact.name);
         }
     }
-    let mut listed = artifacts
-        .store
-        .list()
-        .await
-        .map_err(|e| RuntimeError::nats("list artifacts", e))?;
-    let mut objects = Vec::new();
-    while let Some(info) = listed.next().await {
-        let info = info.map_err(|e| RuntimeError::nats("list artifacts", e))?;
-        if !info.deleted {
-            objects.push((info.name, info.size as u64));
-        }
-    }
+    // Every job record, read once: whether its job ended before the cutoff, and the revision
+    // a purge expects. Read before the artifacts are listed, so the artifact of a job that
+    // starts meanwhile has no record here and is kept.
+    let records = jobs.list_with_revisions().await?;
+    let old: std::collections::BTreeMap<String, bool> = records
+        .iter()
+        .map(|(r, _)| {
+            (
+                r.job_id.to_string(),
+                crate::jobs::ended_before(r, cutoff_ms),
+            )
+        })
+        .collect();
+    let objects = list_objects(&artifacts.store).await?;
     report.examined = objects.len();
-    let mut ended: std::collections::BTreeMap<String, Option<bool>> = Default::default();
-    for (name, size) in objects {
+    for info in objects {
+        let (name, size) = (info.name, info.size as u64);
         if referenced.contains(&name) {
             report.kept_in_registry += 1;
             continue;
         }
         // Artifact names are `<job>/<step>-<stage>` (names::artifact_name).
-        let job = name.split('/').next().unwrap_or_default().to_string();
-        let old_and_ended = match ended.get(&job) {
-            Some(known) => *known,
-            None => {
-                let known = match job.parse::<lathe_proto::JobId>() {
-                    Ok(id) => jobs
-                        .get(id)
-                        .await?
-                        .map(|(r, _)| crate::jobs::ended_before(&r, cutoff_ms)),
-                    Err(_) => None,
-                };
-                ended.insert(job, known);
-                known
-            }
-        };
-        match old_and_ended {
+        match old.get(name.split('/').next().unwrap_or_default()) {
             None => report.kept_without_record += 1,
             Some(false) => report.kept_recent += 1,
             Some(true) => {
@@ -310,7 +305,7 @@ pub async fn collect_garbage(
         }
     }
 
-    for record in jobs.list().await? {
+    for (record, revision) in records {
         if !crate::jobs::ended_before(&record, cutoff_ms) {
             continue;
         }
@@ -318,9 +313,10 @@ pub async fn collect_garbage(
             report.kept_jobs_in_registry += 1;
             continue;
         }
-        if dry_run || jobs.purge_ended(record.job_id, cutoff_ms).await? {
-            report.removed_jobs.push(record.job_id.to_string());
+        if !dry_run {
+            jobs.purge(record.job_id, revision).await?;
         }
+        report.removed_jobs.push(record.job_id.to_string());
     }
     Ok(report)
 }

@@ -122,18 +122,12 @@ impl JobStore {
         Ok(ended_here.then_some(record))
     }
 
-    /// Removes a job's record (every revision of it) if the job ended before `cutoff_ms`;
-    /// returns whether it did. The removal expects the revision it checked, so a record that
-    /// changes meanwhile stays. A KV purge leaves a marker message behind, one per key, which
-    /// would pile up over the years: the marker goes too, by a purge of the key's subject up
-    /// to the marker's own sequence, so nothing written after it could be lost.
-    pub async fn purge_ended(&self, job: JobId, cutoff_ms: u64) -> Result<bool, RuntimeError> {
-        let Some((record, revision)) = self.get(job).await? else {
-            return Ok(false);
-        };
-        if !ended_before(&record, cutoff_ms) {
-            return Ok(false);
-        }
+    /// Removes a job's record, every revision of it, if it is still at `revision` (a record
+    /// that changed since it was read stays, and the call fails). A KV purge leaves a marker
+    /// message behind, one per key, which would pile up over the years: the marker goes too,
+    /// by a purge of the key's subject up to the marker's own sequence, so nothing written
+    /// after it could be lost.
+    pub async fn purge(&self, job: JobId, revision: u64) -> Result<(), RuntimeError> {
         let key = job.to_string();
         self.kv
             .purge_expect_revision(&key, Some(revision))
@@ -154,11 +148,22 @@ impl JobStore {
                 .await
                 .map_err(|e| RuntimeError::nats("purge the record's marker", e))?;
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Every job record (for `lathe jobs`); unreadable ones are skipped with a warning.
     pub async fn list(&self) -> Result<Vec<JobRecord>, RuntimeError> {
+        Ok(self
+            .list_with_revisions()
+            .await?
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect())
+    }
+
+    /// Every job record with its revision, oldest submission first; unreadable ones are
+    /// skipped with a warning.
+    pub async fn list_with_revisions(&self) -> Result<Vec<(JobRecord, u64)>, RuntimeError> {
         let mut keys = self
             .kv
             .keys()
@@ -171,12 +176,12 @@ impl JobStore {
                 continue;
             };
             match self.get(job).await {
-                Ok(Some((r, _))) => out.push(r),
+                Ok(Some(found)) => out.push(found),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(%job, error = %e, "Skipping unreadable job record"),
             }
         }
-        out.sort_by_key(|r| r.submitted_at_ms);
+        out.sort_by_key(|(r, _)| r.submitted_at_ms);
         Ok(out)
     }
 }

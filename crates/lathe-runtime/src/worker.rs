@@ -45,19 +45,21 @@ pub struct StageOutput {
 
 impl StageOutput {
     /// The output of a stage that turns its input model into a new one (prune, quantize):
-    /// `metrics` and `seconds` since `started` go into the artifact's lineage entry for
-    /// `stage` and its metrics, then the stored bytes (`artifact_bytes`) and the input's
-    /// (`input_artifact_bytes`, when the task had a stored input) into the recorded metrics.
+    /// its `params`, and `metrics` with `seconds` since `started`, go into the artifact's
+    /// lineage entry for `stage` and its metrics, then the stored bytes (`artifact_bytes`)
+    /// and the input's (`input_artifact_bytes`, when the task had a stored input) into the
+    /// recorded metrics.
     pub fn from_model(
         stage: &str,
         task: &StageTask,
         mut artifact: lathe_model::artifact::Artifact,
-        params: serde_json::Value,
+        params: &impl serde::Serialize,
         mut metrics: BTreeMap<String, f64>,
         started: std::time::Instant,
         details: serde_json::Value,
     ) -> StageOutput {
         metrics.insert("seconds".into(), started.elapsed().as_secs_f64());
+        let params = serde_json::to_value(params).unwrap_or_default();
         artifact.push_lineage(stage, params, metrics.clone());
         artifact.metrics = metrics.clone();
         let out = artifact.to_bytes();

@@ -452,7 +452,6 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut quant_rows = Vec::new();
     let mut int8_model = None;
     let mut breakdowns = Vec::new();
-    let mut code_entropy: Vec<(usize, f64)> = Vec::new();
     for (label, input, cfg) in [
         (
             "int8 per-channel symmetric",
@@ -527,9 +526,6 @@ fn main() -> Result<(), Box<dyn Error>> {
         {
             breakdowns.push((label, o.artifact.byte_breakdown()));
         }
-        if label.starts_with("int8 per-channel symmetric") {
-            code_entropy = code_entropy_per_layer(&o.artifact);
-        }
         if int8_model.is_none() {
             int8_model = Some(o.artifact);
         }
@@ -544,28 +540,28 @@ fn main() -> Result<(), Box<dyn Error>> {
             );
         }
     }
-    // What lossless coding of the int8 codes can reach: their zeroth-order entropy.
-    println!("\nint8 per-channel symmetric: the weight codes' entropy against what is stored");
-    println!(
-        "{:<10} {:>8} {:>16} {:>16}",
-        "layer", "codes", "entropy bits", "stored bits"
-    );
-    for (i, (n, entropy)) in code_entropy.iter().enumerate() {
-        let stored = breakdowns
-            .iter()
-            .find(|(l, _)| l.starts_with("int8 per-channel symmetric"))
-            .and_then(|(_, parts)| {
-                let name = format!("layer {i} weight values");
-                parts.iter().find(|(p, _)| *p == name).map(|(_, b)| *b)
-            })
-            .unwrap_or(0);
+    // What lossless coding of the int8 codes can reach: their zeroth-order entropy. The
+    // first run (int8 per-channel symmetric) is both `int8_model` and the first breakdown.
+    if let (Some(q), Some((label, parts))) = (&int8_model, breakdowns.first()) {
+        println!("\n{label}: the weight codes' entropy against what is stored");
         println!(
-            "{:<10} {:>8} {:>16.3} {:>16.3}",
-            i,
-            n,
-            entropy,
-            stored as f64 * 8.0 / *n.max(&1) as f64
+            "{:<10} {:>8} {:>16} {:>16}",
+            "layer", "codes", "entropy bits", "stored bits"
         );
+        for (i, (n, entropy)) in code_entropy_per_layer(q).iter().enumerate() {
+            let name = format!("layer {i} weight values");
+            let stored = parts
+                .iter()
+                .find(|(p, _)| *p == name)
+                .map_or(0, |(_, b)| *b);
+            println!(
+                "{:<10} {:>8} {:>16.3} {:>16.3}",
+                i,
+                n,
+                entropy,
+                stored as f64 * 8.0 / *n.max(&1) as f64
+            );
+        }
     }
     let breakdown_json: serde_json::Map<String, serde_json::Value> = breakdowns
         .iter()
