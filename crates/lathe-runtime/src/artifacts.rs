@@ -8,6 +8,8 @@ use base64::engine::general_purpose::URL_SAFE;
 use futures::StreamExt;
 use lathe_proto::{ArtifactRef, names};
 use sha2::{Digest, Sha256};
+use std::time::Duration;
+
 use tokio::io::AsyncReadExt;
 
 use crate::error::RuntimeError;
@@ -17,14 +19,31 @@ pub fn digest_of(bytes: &[u8]) -> String {
     format!("SHA-256={}", URL_SAFE.encode(Sha256::digest(bytes)))
 }
 
+/// How long a read may go without receiving a byte before it fails ([`ArtifactStore::get`],
+/// [`DatasetStore::get`]). The object store's reader otherwise waits forever for chunks that
+/// are gone (an object whose description survived its data): a stage would hold its task,
+/// heartbeating, and the job would never end; a deployer would never switch versions. A NATS
+/// cluster's leader election (up to about 10 s) stays well inside it.
+pub const READ_STALL: Duration = Duration::from_secs(30);
+
 #[derive(Clone)]
 pub struct ArtifactStore {
     store: ObjectStore,
+    stall: Duration,
 }
 
 impl ArtifactStore {
     pub fn new(store: ObjectStore) -> Self {
-        ArtifactStore { store }
+        ArtifactStore {
+            store,
+            stall: READ_STALL,
+        }
+    }
+
+    /// The same store, whose reads fail after `stall` without a byte instead of [`READ_STALL`].
+    pub fn with_read_stall(mut self, stall: Duration) -> Self {
+        self.stall = stall;
+        self
     }
 
     /// Stores an artifact under `name` (replacing an earlier attempt's) and returns its
@@ -48,13 +67,12 @@ impl ArtifactStore {
 
     /// Reads an artifact and checks its bytes against the reference's digest.
     pub async fn get(&self, r: &ArtifactRef) -> Result<Vec<u8>, RuntimeError> {
-        let bytes =
-            read_object(&self.store, &r.name)
-                .await
-                .map_err(|reason| RuntimeError::Artifact {
-                    name: r.name.clone(),
-                    reason,
-                })?;
+        let bytes = read_object(&self.store, &r.name, self.stall)
+            .await
+            .map_err(|reason| RuntimeError::Artifact {
+                name: r.name.clone(),
+                reason,
+            })?;
         let actual = digest_of(&bytes);
         if actual != r.digest {
             return Err(RuntimeError::Artifact {
@@ -82,17 +100,30 @@ impl ArtifactStore {
     }
 }
 
-async fn read_object(store: &ObjectStore, name: &str) -> Result<Vec<u8>, String> {
-    let mut object = store.get(name).await.map_err(|e| match e.kind() {
-        async_nats::jetstream::object_store::GetErrorKind::NotFound => "not found".to_string(),
-        _ => format!("cannot read: {e}"),
-    })?;
-    let mut bytes = Vec::with_capacity(object.info.size);
-    object
-        .read_to_end(&mut bytes)
+async fn read_object(store: &ObjectStore, name: &str, stall: Duration) -> Result<Vec<u8>, String> {
+    let mut object = tokio::time::timeout(stall, store.get(name))
         .await
-        .map_err(|e| format!("cannot read: {e}"))?;
-    Ok(bytes)
+        .map_err(|_| format!("no answer from the object store within {stall:?}"))?
+        .map_err(|e| match e.kind() {
+            async_nats::jetstream::object_store::GetErrorKind::NotFound => "not found".to_string(),
+            _ => format!("cannot read: {e}"),
+        })?;
+    let size = object.info.size;
+    let mut bytes = Vec::with_capacity(size);
+    loop {
+        match tokio::time::timeout(stall, object.read_buf(&mut bytes)).await {
+            Ok(Ok(0)) => return Ok(bytes),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("cannot read: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "no data for {stall:?} after {} of {size} bytes (its chunks are missing \
+                     from the bucket, or the server stopped answering)",
+                    bytes.len()
+                ));
+            }
+        }
+    }
 }
 
 /// Uploaded datasets (`lathe dataset put`), read by the trainer for `bucket:<name>` sources.
@@ -137,7 +168,7 @@ impl DatasetStore {
     }
 
     pub async fn get(&self, name: &str) -> Result<Vec<u8>, RuntimeError> {
-        read_object(&self.store, name)
+        read_object(&self.store, name, READ_STALL)
             .await
             .map_err(|reason| RuntimeError::Dataset {
                 name: name.into(),

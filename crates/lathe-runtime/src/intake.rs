@@ -269,6 +269,8 @@ async fn accept(
         input: None,
         accepted_at_ms: accepted_at,
     };
+    // `accepted` goes before the first stage's events.
+    res.events.flush().await;
     worker::publish_task(res, &first, span).await
 }
 

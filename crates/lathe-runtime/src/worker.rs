@@ -217,6 +217,7 @@ pub async fn run_worker<H: StageHandler>(
     );
     while in_flight.join_next().await.is_some() {}
     advisories.abort();
+    resources.events.flush().await;
     Ok(())
 }
 
@@ -598,6 +599,8 @@ async fn hand_on(
     let Some(next_stage) = task.spec.pipeline.get(next_step as usize).copied() else {
         return Ok(());
     };
+    // This stage's events go into the stream before the next stage's.
+    res.events.flush().await;
     let next = StageTask {
         schema_version: lathe_proto::SCHEMA_VERSION,
         job_id: task.job_id,

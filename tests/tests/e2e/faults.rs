@@ -290,3 +290,106 @@ async fn random_kills_while_twenty_jobs_run_lose_nothing_and_deploy_nothing_twic
         let _ = p.wait();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_emitted_while_the_events_stream_is_away_are_stored_in_order_when_it_returns() {
+    use lathe_proto::{EventKind, JobId};
+    use lathe_runtime::events::EventBuilder;
+
+    let s = stack().await;
+    // The events stream goes away (as while a cluster elects its leader: "no stream").
+    let config = s
+        .res
+        .js
+        .get_stream(names::EVENTS_STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    s.res.js.delete_stream(names::EVENTS_STREAM).await.unwrap();
+
+    let job = JobId::new();
+    let kinds = [
+        EventKind::StageStarted,
+        EventKind::StageRetry,
+        EventKind::StageStarted,
+        EventKind::StageCompleted,
+    ];
+    for (i, kind) in kinds.iter().enumerate() {
+        s.res
+            .events
+            .emit(EventBuilder::new(job, *kind, format!("event {i}")).step(0, Stage::Train))
+            .await;
+    }
+    // Emitting did not wait for the server; the stream comes back a second later.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.res.js.create_stream(config).await.unwrap();
+    s.res.events.flush().await;
+
+    let stored = events_of(&s.res, job).await;
+    let got: Vec<(EventKind, String)> = stored.into_iter().map(|e| (e.kind, e.message)).collect();
+    let want: Vec<(EventKind, String)> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (*k, format!("event {i}")))
+        .collect();
+    assert_eq!(got, want, "every event stored once, in the order emitted");
+
+    // A job's last event returns once it is stored, after the ones before it.
+    s.res
+        .events
+        .emit(EventBuilder::new(
+            job,
+            EventKind::Completed,
+            "job completed",
+        ))
+        .await;
+    let stored = events_of(&s.res, job).await;
+    assert_eq!(stored.len(), kinds.len() + 1);
+    assert_eq!(stored.last().unwrap().kind, EventKind::Completed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_whose_chunks_are_gone_is_an_error_naming_it_not_a_hang() {
+    let s = stack().await;
+    let bytes = vec![7u8; 300_000];
+    let artifact = s.res.artifacts.put("chunkless.bin", &bytes).await.unwrap();
+    assert_eq!(s.res.artifacts.get(&artifact).await.unwrap(), bytes);
+
+    // The object's description stays; its data chunks are purged from the bucket's stream.
+    let nuid = s
+        .res
+        .artifacts
+        .raw()
+        .info("chunkless.bin")
+        .await
+        .unwrap()
+        .nuid;
+    let stream = s
+        .res
+        .js
+        .get_stream(format!("OBJ_{}", names::ARTIFACTS_BUCKET))
+        .await
+        .unwrap();
+    stream
+        .purge()
+        .filter(format!("$O.{}.C.{nuid}", names::ARTIFACTS_BUCKET))
+        .await
+        .unwrap();
+
+    // Reads fail after 2 s without a byte here (30 s in a service).
+    let store = s
+        .res
+        .artifacts
+        .clone()
+        .with_read_stall(Duration::from_secs(2));
+    let read = tokio::time::timeout(Duration::from_secs(60), store.get(&artifact))
+        .await
+        .expect("the read gives up on its own instead of waiting for data that never comes");
+    let err = read.expect_err("no bytes to return").to_string();
+    assert!(err.contains("chunkless.bin"), "{err}");
+    assert!(err.contains("no data"), "{err}");
+}
