@@ -62,11 +62,17 @@ impl Session {
     }
 
     pub async fn jobs(&self) -> anyhow::Result<JobStore> {
-        Ok(JobStore::new(self.kv(names::JOBS_BUCKET).await?))
+        Ok(JobStore::new(
+            self.client.clone(),
+            self.kv(names::JOBS_BUCKET).await?,
+        ))
     }
 
     pub async fn registry(&self) -> anyhow::Result<Registry> {
-        Ok(Registry::new(self.kv(names::MODELS_BUCKET).await?))
+        Ok(Registry::new(
+            self.client.clone(),
+            self.kv(names::MODELS_BUCKET).await?,
+        ))
     }
 
     pub async fn health(&self) -> anyhow::Result<kv::Store> {

@@ -69,10 +69,7 @@ impl ArtifactStore {
     pub async fn get(&self, r: &ArtifactRef) -> Result<Vec<u8>, RuntimeError> {
         let bytes = read_object(&self.store, &r.name, self.stall)
             .await
-            .map_err(|reason| RuntimeError::Artifact {
-                name: r.name.clone(),
-                reason,
-            })?;
+            .map_err(|e| e.into_error("artifact", &r.name, "not found".into()))?;
         let actual = digest_of(&bytes);
         if actual != r.digest {
             return Err(RuntimeError::Artifact {
@@ -100,13 +97,46 @@ impl ArtifactStore {
     }
 }
 
-async fn read_object(store: &ObjectStore, name: &str, stall: Duration) -> Result<Vec<u8>, String> {
+/// Why an object could not be read.
+enum ReadFailure {
+    NotFound,
+    /// Anything else: the server, the connection or the stream failed; trying again may work.
+    Unreadable(String),
+}
+
+impl ReadFailure {
+    fn into_error(self, kind: &'static str, name: &str, not_found: String) -> RuntimeError {
+        match (self, kind) {
+            (ReadFailure::NotFound, "dataset") => RuntimeError::Dataset {
+                name: name.into(),
+                reason: not_found,
+            },
+            (ReadFailure::NotFound, _) => RuntimeError::Artifact {
+                name: name.into(),
+                reason: not_found,
+            },
+            (ReadFailure::Unreadable(reason), kind) => RuntimeError::Unreadable {
+                kind,
+                name: name.into(),
+                reason,
+            },
+        }
+    }
+}
+
+async fn read_object(
+    store: &ObjectStore,
+    name: &str,
+    stall: Duration,
+) -> Result<Vec<u8>, ReadFailure> {
     let mut object = tokio::time::timeout(stall, store.get(name))
         .await
-        .map_err(|_| format!("no answer from the object store within {stall:?}"))?
+        .map_err(|_| {
+            ReadFailure::Unreadable(format!("no answer from the object store within {stall:?}"))
+        })?
         .map_err(|e| match e.kind() {
-            async_nats::jetstream::object_store::GetErrorKind::NotFound => "not found".to_string(),
-            _ => format!("cannot read: {e}"),
+            async_nats::jetstream::object_store::GetErrorKind::NotFound => ReadFailure::NotFound,
+            _ => ReadFailure::Unreadable(e.to_string()),
         })?;
     let size = object.info.size;
     let mut bytes = Vec::with_capacity(size);
@@ -114,13 +144,13 @@ async fn read_object(store: &ObjectStore, name: &str, stall: Duration) -> Result
         match tokio::time::timeout(stall, object.read_buf(&mut bytes)).await {
             Ok(Ok(0)) => return Ok(bytes),
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(format!("cannot read: {e}")),
+            Ok(Err(e)) => return Err(ReadFailure::Unreadable(e.to_string())),
             Err(_) => {
-                return Err(format!(
+                return Err(ReadFailure::Unreadable(format!(
                     "no data for {stall:?} after {} of {size} bytes (its chunks are missing \
                      from the bucket, or the server stopped answering)",
                     bytes.len()
-                ));
+                )));
             }
         }
     }
@@ -170,13 +200,12 @@ impl DatasetStore {
     pub async fn get(&self, name: &str) -> Result<Vec<u8>, RuntimeError> {
         read_object(&self.store, name, READ_STALL)
             .await
-            .map_err(|reason| RuntimeError::Dataset {
-                name: name.into(),
-                reason: if reason == "not found" {
-                    format!("not found in bucket {}", names::DATASETS_BUCKET)
-                } else {
-                    reason
-                },
+            .map_err(|e| {
+                e.into_error(
+                    "dataset",
+                    name,
+                    format!("not found in bucket {}", names::DATASETS_BUCKET),
+                )
             })
     }
 

@@ -2,7 +2,6 @@
 //! revision, retried on conflict, so two services updating one job never lose a write.
 
 use async_nats::jetstream::kv;
-use futures::StreamExt;
 use lathe_proto::{JobId, JobRecord, JobState, StepState, codec, now_ms};
 
 use crate::error::RuntimeError;
@@ -10,6 +9,8 @@ use crate::error::RuntimeError;
 #[derive(Clone)]
 pub struct JobStore {
     kv: kv::Store,
+    /// For the reply inbox of a whole-bucket read ([`crate::kv_scan`]).
+    client: async_nats::Client,
 }
 
 /// What a record update closure decides.
@@ -21,8 +22,8 @@ pub enum Change {
 }
 
 impl JobStore {
-    pub fn new(kv: kv::Store) -> Self {
-        JobStore { kv }
+    pub fn new(client: async_nats::Client, kv: kv::Store) -> Self {
+        JobStore { kv, client }
     }
 
     fn decode(job: JobId, bytes: &[u8]) -> Result<JobRecord, RuntimeError> {
@@ -161,23 +162,16 @@ impl JobStore {
             .collect())
     }
 
-    /// Every job record with its revision, oldest submission first; unreadable ones are
-    /// skipped with a warning.
+    /// Every job record with its revision, oldest submission first, read in one pass over
+    /// the bucket ([`crate::kv_scan`]); unreadable ones are skipped with a warning.
     pub async fn list_with_revisions(&self) -> Result<Vec<(JobRecord, u64)>, RuntimeError> {
-        let mut keys = self
-            .kv
-            .keys()
-            .await
-            .map_err(|e| RuntimeError::nats("kv keys", e))?;
         let mut out = Vec::new();
-        while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| RuntimeError::nats("kv keys", e))?;
-            let Ok(job) = key.parse::<JobId>() else {
+        for latest in crate::kv_scan::latest_values(&self.client, &self.kv).await? {
+            let Ok(job) = latest.key.parse::<JobId>() else {
                 continue;
             };
-            match self.get(job).await {
-                Ok(Some(found)) => out.push(found),
-                Ok(None) => {}
+            match Self::decode(job, &latest.value) {
+                Ok(record) => out.push((record, latest.revision)),
                 Err(e) => tracing::warn!(%job, error = %e, "Skipping unreadable job record"),
             }
         }

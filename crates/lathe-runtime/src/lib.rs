@@ -7,6 +7,7 @@
 //! - [`provision`]: idempotent creation of every stream, consumer, KV bucket and object store;
 //!   [`provision::Resources`] hands them to the rest.
 //! - [`jobs`]: job records in the `lathe-jobs` bucket, changed only by compare-and-set.
+//! - [`kv_scan`]: every current value of a KV bucket in one pass.
 //! - [`events`]: job events on `lathe.events.<job>.<kind>`.
 //! - [`artifacts`]: model artifacts and datasets in object stores, digests checked on read.
 //! - [`dataset`]: the job's train/validation/test splits from its spec, for every stage.
@@ -27,6 +28,7 @@ pub mod events;
 pub mod health;
 pub mod intake;
 pub mod jobs;
+pub mod kv_scan;
 pub mod provision;
 pub mod publish;
 pub mod registry;

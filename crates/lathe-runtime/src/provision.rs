@@ -223,13 +223,13 @@ pub async fn provision(client: Client, worker: WorkerSettings) -> Result<Resourc
         object_store_open(&js, names::DATASETS_BUCKET, "uploaded datasets", setting).await?;
 
     Ok(Resources {
+        jobs: JobStore::new(client.clone(), jobs_kv),
+        registry: Registry::new(client.clone(), models_kv),
         client,
         js: js.clone(),
-        jobs: JobStore::new(jobs_kv),
         events: Events::new(js.clone()),
         artifacts: ArtifactStore::new(artifacts),
         datasets: DatasetStore::new(datasets),
-        registry: Registry::new(models_kv),
         health: health_kv,
         worker,
     })

@@ -4,7 +4,6 @@
 //! at the CLI) racing on one model never lose an update.
 
 use async_nats::jetstream::kv;
-use futures::StreamExt;
 use lathe_proto::registry::{ModelEntry, RegistryError};
 use lathe_proto::{ModelName, codec};
 
@@ -22,11 +21,13 @@ pub enum RegistryOpError {
 #[derive(Clone)]
 pub struct Registry {
     kv: kv::Store,
+    /// For the reply inbox of a whole-bucket read ([`crate::kv_scan`]).
+    client: async_nats::Client,
 }
 
 impl Registry {
-    pub fn new(kv: kv::Store) -> Self {
-        Registry { kv }
+    pub fn new(client: async_nats::Client, kv: kv::Store) -> Self {
+        Registry { kv, client }
     }
 
     /// The bucket, for watchers.
@@ -67,21 +68,18 @@ impl Registry {
             .collect())
     }
 
-    /// Every registered model with its entry's revision, by name.
+    /// Every registered model with its entry's revision, by name, read in one pass over the
+    /// bucket ([`crate::kv_scan`]).
     pub async fn list_with_revisions(&self) -> Result<Vec<(ModelEntry, u64)>, RuntimeError> {
-        let mut keys = match self.kv.keys().await {
-            Ok(k) => k,
-            Err(e) => return Err(RuntimeError::nats("registry keys", e)),
-        };
         let mut out = Vec::new();
-        while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| RuntimeError::nats("registry keys", e))?;
-            let Ok(model) = key.parse::<ModelName>() else {
+        for latest in crate::kv_scan::latest_values(&self.client, &self.kv).await? {
+            let Ok(model) = latest.key.parse::<ModelName>() else {
                 continue;
             };
-            if let Some(found) = self.get(&model).await? {
-                out.push(found);
-            }
+            out.push((
+                Self::decode(model.as_str(), &latest.value)?,
+                latest.revision,
+            ));
         }
         out.sort_by(|a, b| a.0.model.cmp(&b.0.model));
         Ok(out)

@@ -87,6 +87,16 @@ pub enum StageError {
 }
 
 impl StageError {
+    /// A failed read of a stored object: retried when the server or connection failed,
+    /// permanent when the object is missing or corrupt.
+    pub fn from_read(e: RuntimeError) -> Self {
+        if e.is_transient() {
+            StageError::Retryable(e.to_string())
+        } else {
+            StageError::Permanent(e.to_string())
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             StageError::Permanent(_) => "permanent",
@@ -125,13 +135,14 @@ impl TaskContext {
     }
 
     /// Reads the input artifact, checking its digest; a missing or corrupt artifact is a
-    /// permanent failure naming the artifact.
+    /// permanent failure naming the artifact, one that cannot be read now (a timeout while a
+    /// cluster elects the bucket's leader) is retried.
     pub async fn load_artifact(&self, r: &ArtifactRef) -> Result<Vec<u8>, StageError> {
         self.resources
             .artifacts
             .get(r)
             .await
-            .map_err(|e| StageError::Permanent(e.to_string()))
+            .map_err(StageError::from_read)
     }
 
     /// Reads a dataset from the `lathe-datasets` bucket.
@@ -140,7 +151,7 @@ impl TaskContext {
             .datasets
             .get(name)
             .await
-            .map_err(|e| StageError::Permanent(e.to_string()))
+            .map_err(StageError::from_read)
     }
 }
 

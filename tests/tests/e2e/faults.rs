@@ -393,3 +393,91 @@ async fn an_artifact_whose_chunks_are_gone_is_an_error_naming_it_not_a_hang() {
     assert!(err.contains("chunkless.bin"), "{err}");
     assert!(err.contains("no data"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_that_cannot_be_read_now_is_retried_and_the_job_completes() {
+    let s = stack().await;
+    let url = s.server.url();
+    let trainer = start_trainer(&url, "t1").await;
+    let spec =
+        br#"{"name": "unreadable", "dataset": {"source": "builtin:digits"}, "model": {"hidden": [64]},
+        "train": {"epochs": 5}, "prune": {"target_sparsity": 0.5, "steps": 1, "finetune_epochs": 1},
+        "pipeline": ["train", "prune"]}"#;
+    let job = submit(&s.res, spec).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let artifact = loop {
+        let record = s.res.jobs.get(job).await.unwrap().map(|(r, _)| r);
+        if let Some(step) = record.as_ref().map(|r| &r.steps[0])
+            && step.state == lathe_proto::StepState::Completed
+            && let Some(a) = step.artifact.clone()
+        {
+            break a;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the train step never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    trainer.stop().await;
+    // The trained artifact's chunks go: a read gets its description and then no data.
+    let bytes = s.res.artifacts.get(&artifact).await.unwrap();
+    let nuid = s
+        .res
+        .artifacts
+        .raw()
+        .info(artifact.name.as_str())
+        .await
+        .unwrap()
+        .nuid;
+    s.res
+        .js
+        .get_stream(format!("OBJ_{}", names::ARTIFACTS_BUCKET))
+        .await
+        .unwrap()
+        .purge()
+        .filter(format!("$O.{}.C.{nuid}", names::ARTIFACTS_BUCKET))
+        .await
+        .unwrap();
+
+    // A pruner whose reads give up after 1 s without a byte (30 s in a service).
+    let mut res = connect(&url, "p1").await;
+    res.artifacts = res
+        .artifacts
+        .clone()
+        .with_read_stall(Duration::from_secs(1));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pruner = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            lathe_runtime::service::serve(res, "lathe-pruner", lathe_pruner::Pruner, stop)
+                .await
+                .expect("the pruner serves")
+        })
+    };
+    let retry = wait_event(
+        &s.res,
+        job,
+        lathe_proto::EventKind::StageRetry,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(retry.message.contains(&artifact.name), "{}", retry.message);
+    assert!(
+        retry.message.contains("cannot be read now"),
+        "{}",
+        retry.message
+    );
+    // The data comes back (as when a cluster has elected the bucket's leader).
+    s.res
+        .artifacts
+        .raw()
+        .put(artifact.name.as_str(), &mut bytes.as_slice())
+        .await
+        .unwrap();
+    let r = wait_job(&s.res, job, Duration::from_secs(120)).await;
+    assert_eq!(r.state, JobState::Completed, "{:?}", r.error);
+    assert!(r.steps[1].attempts >= 2, "{}", r.steps[1].attempts);
+    stop.cancel();
+    pruner.await.unwrap();
+}

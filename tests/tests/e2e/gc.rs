@@ -150,3 +150,68 @@ async fn gc_forgets_old_versions_but_keeps_the_active_one_and_its_rollback_targe
     trainer.stop().await;
     deployer.stop().await;
 }
+
+/// A job record as intake writes a rejected one (no spec, no steps).
+fn bare_record(name: &str, submitted_at_ms: u64) -> lathe_proto::JobRecord {
+    lathe_proto::JobRecord {
+        schema_version: lathe_proto::SCHEMA_VERSION,
+        job_id: lathe_proto::JobId::new(),
+        name: name.into(),
+        state: JobState::Rejected,
+        spec: None,
+        errors: vec![],
+        error: Some("invalid spec".into()),
+        submitted_at_ms,
+        updated_at_ms: submitted_at_ms,
+        finished_at_ms: Some(submitted_at_ms),
+        steps: vec![],
+        spans: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_job_records_returns_each_live_record_once_at_its_latest_revision() {
+    let s = stack().await;
+    let kv = s
+        .res
+        .js
+        .get_key_value(lathe_proto::names::JOBS_BUCKET)
+        .await
+        .unwrap();
+    let records: Vec<_> = (0..300)
+        .map(|i| bare_record(&format!("r{i}"), 1_000 + i))
+        .collect();
+    for r in &records {
+        assert!(s.res.jobs.create(r).await.unwrap());
+    }
+    // One record deleted, one purged, one rewritten twice, and a key that is not a job id.
+    kv.delete(records[10].job_id.to_string()).await.unwrap();
+    kv.purge(records[20].job_id.to_string()).await.unwrap();
+    for round in 0..2 {
+        s.res
+            .jobs
+            .update(records[30].job_id, |r| {
+                r.name = format!("renamed {round}");
+                lathe_runtime::jobs::Change::Write
+            })
+            .await
+            .unwrap();
+    }
+    kv.put("not-a-job", "x".into()).await.unwrap();
+
+    let listed = s.res.jobs.list_with_revisions().await.unwrap();
+    assert_eq!(listed.len(), 298, "every live record once");
+    let names: Vec<&str> = listed.iter().map(|(r, _)| r.name.as_str()).collect();
+    assert!(!names.contains(&"r10") && !names.contains(&"r20"));
+    assert!(names.contains(&"renamed 1") && !names.contains(&"r30"));
+    // Oldest submission first, and each revision is the one a read of the record gives.
+    assert!(
+        listed
+            .windows(2)
+            .all(|w| w[0].0.submitted_at_ms <= w[1].0.submitted_at_ms)
+    );
+    for (record, revision) in listed.iter().step_by(37) {
+        let (_, current) = s.res.jobs.get(record.job_id).await.unwrap().unwrap();
+        assert_eq!(*revision, current, "{}", record.name);
+    }
+}

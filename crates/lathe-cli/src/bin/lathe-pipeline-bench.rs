@@ -9,7 +9,9 @@
 //! - the artifact object store's own put and get for each of the job's artifacts;
 //! - whole-job wall time (spec accepted → job completed);
 //! - jobs per minute with 1 and with 2 replicas of every stage (a batch of jobs submitted at
-//!   once).
+//!   once);
+//! - listing every job record with 5 000 in the bucket (`lathe jobs`, `lathe gc`): one pass
+//!   against reading each record with its own request.
 //!
 //! The stage binaries are taken from the directory of this executable (`cargo build
 //! --release --workspace --bins`; `just bench` does). Prints a table and writes JSON (`--out`).
@@ -42,6 +44,9 @@ struct Args {
     /// Jobs submitted at once for the jobs-per-minute figures.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
     batch: u64,
+    /// Job records added to the bucket for the listing figures.
+    #[arg(long, default_value_t = 5000)]
+    records: u64,
     /// Overrides the demo spec's training epochs.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     train_epochs: Option<u32>,
@@ -231,6 +236,66 @@ struct ArtifactIo {
     put_p50_ms: f64,
 }
 
+/// Listing every job record (what `lathe jobs` and `lathe gc` do) with `n` more records in
+/// the bucket: lathe's one pass over the bucket's stream, against the KV API's obvious way
+/// (list the keys, then read each record with its own request), which lathe used before.
+/// Median of 3 each, in ms, and how many records each found.
+async fn listing(res: &Resources, n: u64) -> Result<serde_json::Value, Box<dyn Error>> {
+    use futures::StreamExt;
+    let now = lathe_proto::now_ms();
+    let mut writes = futures::stream::iter(0..n)
+        .map(|i| {
+            let record = JobRecord {
+                schema_version: lathe_proto::SCHEMA_VERSION,
+                job_id: JobId::new(),
+                name: format!("listed-{i}"),
+                state: JobState::Rejected,
+                spec: None,
+                errors: vec![],
+                error: Some("invalid spec: listing benchmark".into()),
+                submitted_at_ms: now,
+                updated_at_ms: now,
+                finished_at_ms: Some(now),
+                steps: vec![],
+                spans: vec![],
+            };
+            async move { res.jobs.create(&record).await }
+        })
+        .buffer_unordered(64);
+    while let Some(created) = writes.next().await {
+        created?;
+    }
+    let kv = res.js.get_key_value(names::JOBS_BUCKET).await?;
+    let (mut one_pass, mut per_key) = (Vec::new(), Vec::new());
+    let (mut found_one, mut found_per_key) = (0, 0);
+    for _ in 0..3 {
+        let t = Instant::now();
+        found_one = res.jobs.list_with_revisions().await?.len();
+        one_pass.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let mut keys = kv.keys().await?;
+        let mut found = 0;
+        while let Some(key) = keys.next().await {
+            if let Some(value) = kv.get(key?).await? {
+                lathe_proto::codec::from_msgpack::<JobRecord>(&value)?;
+                found += 1;
+            }
+        }
+        found_per_key = found;
+        per_key.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(serde_json::json!({
+        "records": found_one,
+        "one_pass_ms": median(one_pass),
+        "keys_then_one_read_each_ms": median(per_key),
+        "records_found_per_key": found_per_key,
+    }))
+}
+
 /// Put and get of each of a job's artifacts through the object store, `k` times each.
 async fn artifact_io(
     res: &Resources,
@@ -336,6 +401,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .collect();
     drop(second);
     drop(first);
+    eprintln!("pipeline: listing job records …");
+    let listed = listing(&res, args.records).await?;
 
     let epochs = |stage: &str| base[stage]["epochs"].as_u64().unwrap_or(0);
     let (train_epochs, distill_epochs) = (epochs("train"), epochs("distill"));
@@ -383,6 +450,12 @@ async fn main() -> Result<(), Box<dyn Error>> {
         jpm2 / jpm1,
         workers.len()
     );
+    println!(
+        "listing {} job records: one pass {:.0} ms, keys then one read each {:.0} ms",
+        listed["records"],
+        listed["one_pass_ms"].as_f64().unwrap_or(0.0),
+        listed["keys_then_one_read_each_ms"].as_f64().unwrap_or(0.0)
+    );
 
     let mut all = compute
         .iter()
@@ -412,6 +485,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         "jobs_at_once": args.batch,
         "jobs_per_minute": { "1 replica per stage": jpm1, "2 replicas per stage": jpm2 },
         "workers_in_2_replica_run": workers.len(),
+        "listing_job_records": listed,
     });
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
