@@ -154,38 +154,11 @@ async fn a_flood_of_malformed_messages_leaves_every_service_serving() {
 async fn a_corrupted_artifact_fails_its_job_naming_the_artifact() {
     let s = stack().await;
     let url = s.server.url();
-    let trainer = start_trainer(&url, "t1").await;
-    let spec =
-        br#"{"name": "corrupt", "dataset": {"source": "builtin:digits"}, "model": {"hidden": [64]},
-        "train": {"epochs": 5}, "prune": {"target_sparsity": 0.5, "steps": 1, "finetune_epochs": 1},
-        "pipeline": ["train", "prune"]}"#;
-    let job = submit(&s.res, spec).await;
-    // No pruner runs yet: wait for the trained artifact, then damage it in the object store.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let artifact = loop {
-        let record = s.res.jobs.get(job).await.unwrap().map(|(r, _)| r);
-        if let Some(step) = record.as_ref().map(|r| &r.steps[0])
-            && step.state == lathe_proto::StepState::Completed
-            && let Some(a) = step.artifact.clone()
-        {
-            break a;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the train step never completed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    trainer.stop().await;
+    let (job, artifact) = trained_and_waiting_for_the_pruner(&s, "corrupt").await;
     let mut bytes = s.res.artifacts.get(&artifact).await.unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
-    s.res
-        .artifacts
-        .raw()
-        .put(artifact.name.as_str(), &mut bytes.as_slice())
-        .await
-        .unwrap();
+    store_raw(&s, &artifact.name, &bytes).await;
 
     let pruner = start_stage(&url, "p1", "lathe-pruner", lathe_pruner::Pruner).await;
     let r = wait_job(&s.res, job, Duration::from_secs(60)).await;
@@ -360,25 +333,7 @@ async fn an_artifact_whose_chunks_are_gone_is_an_error_naming_it_not_a_hang() {
     assert_eq!(s.res.artifacts.get(&artifact).await.unwrap(), bytes);
 
     // The object's description stays; its data chunks are purged from the bucket's stream.
-    let nuid = s
-        .res
-        .artifacts
-        .raw()
-        .info("chunkless.bin")
-        .await
-        .unwrap()
-        .nuid;
-    let stream = s
-        .res
-        .js
-        .get_stream(format!("OBJ_{}", names::ARTIFACTS_BUCKET))
-        .await
-        .unwrap();
-    stream
-        .purge()
-        .filter(format!("$O.{}.C.{nuid}", names::ARTIFACTS_BUCKET))
-        .await
-        .unwrap();
+    purge_chunks(&s, "chunkless.bin").await;
 
     // Reads fail after 2 s without a byte here (30 s in a service).
     let store = s
@@ -398,47 +353,10 @@ async fn an_artifact_whose_chunks_are_gone_is_an_error_naming_it_not_a_hang() {
 async fn an_artifact_that_cannot_be_read_now_is_retried_and_the_job_completes() {
     let s = stack().await;
     let url = s.server.url();
-    let trainer = start_trainer(&url, "t1").await;
-    let spec =
-        br#"{"name": "unreadable", "dataset": {"source": "builtin:digits"}, "model": {"hidden": [64]},
-        "train": {"epochs": 5}, "prune": {"target_sparsity": 0.5, "steps": 1, "finetune_epochs": 1},
-        "pipeline": ["train", "prune"]}"#;
-    let job = submit(&s.res, spec).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let artifact = loop {
-        let record = s.res.jobs.get(job).await.unwrap().map(|(r, _)| r);
-        if let Some(step) = record.as_ref().map(|r| &r.steps[0])
-            && step.state == lathe_proto::StepState::Completed
-            && let Some(a) = step.artifact.clone()
-        {
-            break a;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the train step never completed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    trainer.stop().await;
+    let (job, artifact) = trained_and_waiting_for_the_pruner(&s, "unreadable").await;
     // The trained artifact's chunks go: a read gets its description and then no data.
     let bytes = s.res.artifacts.get(&artifact).await.unwrap();
-    let nuid = s
-        .res
-        .artifacts
-        .raw()
-        .info(artifact.name.as_str())
-        .await
-        .unwrap()
-        .nuid;
-    s.res
-        .js
-        .get_stream(format!("OBJ_{}", names::ARTIFACTS_BUCKET))
-        .await
-        .unwrap()
-        .purge()
-        .filter(format!("$O.{}.C.{nuid}", names::ARTIFACTS_BUCKET))
-        .await
-        .unwrap();
+    purge_chunks(&s, &artifact.name).await;
 
     // A pruner whose reads give up after 1 s without a byte (30 s in a service).
     let mut res = connect(&url, "p1").await;
@@ -469,15 +387,67 @@ async fn an_artifact_that_cannot_be_read_now_is_retried_and_the_job_completes() 
         retry.message
     );
     // The data comes back (as when a cluster has elected the bucket's leader).
-    s.res
-        .artifacts
-        .raw()
-        .put(artifact.name.as_str(), &mut bytes.as_slice())
-        .await
-        .unwrap();
+    store_raw(&s, &artifact.name, &bytes).await;
     let r = wait_job(&s.res, job, Duration::from_secs(120)).await;
     assert_eq!(r.state, JobState::Completed, "{:?}", r.error);
     assert!(r.steps[1].attempts >= 2, "{}", r.steps[1].attempts);
     stop.cancel();
     pruner.await.unwrap();
+}
+
+/// Runs a train → prune job with only a trainer, so the job waits for a pruner with its
+/// trained artifact stored: the job and that artifact.
+async fn trained_and_waiting_for_the_pruner(
+    s: &Stack,
+    name: &str,
+) -> (lathe_proto::JobId, lathe_proto::ArtifactRef) {
+    let trainer = start_trainer(&s.server.url(), "t1").await;
+    let spec = format!(
+        r#"{{"name": "{name}", "dataset": {{"source": "builtin:digits"}}, "model": {{"hidden": [64]}},
+        "train": {{"epochs": 5}}, "prune": {{"target_sparsity": 0.5, "steps": 1, "finetune_epochs": 1}},
+        "pipeline": ["train", "prune"]}}"#
+    );
+    let job = submit(&s.res, spec.as_bytes()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let artifact = loop {
+        let record = s.res.jobs.get(job).await.unwrap().map(|(r, _)| r);
+        if let Some(step) = record.as_ref().map(|r| &r.steps[0])
+            && step.state == lathe_proto::StepState::Completed
+            && let Some(a) = step.artifact.clone()
+        {
+            break a;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the train step never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    trainer.stop().await;
+    (job, artifact)
+}
+
+/// Purges an object's data chunks from the artifacts bucket's stream; its description stays,
+/// so a read finds the object and then waits for data.
+async fn purge_chunks(s: &Stack, name: &str) {
+    let nuid = s.res.artifacts.raw().info(name).await.unwrap().nuid;
+    s.res
+        .js
+        .get_stream(format!("OBJ_{}", names::ARTIFACTS_BUCKET))
+        .await
+        .unwrap()
+        .purge()
+        .filter(format!("$O.{}.C.{nuid}", names::ARTIFACTS_BUCKET))
+        .await
+        .unwrap();
+}
+
+/// Stores bytes under an artifact's name as they are (no digest kept anywhere).
+async fn store_raw(s: &Stack, name: &str, bytes: &[u8]) {
+    s.res
+        .artifacts
+        .raw()
+        .put(name, &mut &bytes[..])
+        .await
+        .unwrap();
 }
