@@ -25,14 +25,14 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::artifact::{Architecture, Artifact, DriftReference, LayerTensors};
+use crate::artifact::{Architecture, Artifact, DriftReference};
 use crate::data::Splits;
 use crate::engine::Engine;
 use crate::eval::{Evaluation, evaluate};
 use crate::mlp::{DeviceError, Mlp, MlpConfig, MlpError, try_device};
 use crate::train::{
-    EpochMetrics, INIT_STREAM, SHUFFLE_STREAM, TrainConfig, TrainError, check_splits,
-    feature_tensor, label_tensor, reference_sample,
+    BestEpoch, EpochMetrics, INIT_STREAM, SHUFFLE_STREAM, TrainConfig, TrainError, check_splits,
+    feature_tensor, label_tensor, reference_sample, score_validation,
 };
 
 /// Draws the augmented rows from a stream of its own, so switching augmentation on does not
@@ -385,7 +385,7 @@ pub fn distill_mlp(
     let mut augmented = Vec::new();
 
     let mut history = Vec::with_capacity(cfg.epochs);
-    let mut best: Option<(f64, f64, usize, Vec<LayerTensors>)> = None;
+    let mut best: Option<BestEpoch> = None;
     let started = Instant::now();
     for epoch in 1..=cfg.epochs {
         let epoch_started = Instant::now();
@@ -447,45 +447,26 @@ pub fn distill_mlp(
         }
 
         let (validation_accuracy, validation_loss) = if has_validation {
-            let snapshot = network.valid();
-            let logits = snapshot.forward(x_validation.clone());
-            let loss = validation_loss_fn.forward(logits.clone(), y_validation.clone());
-            let hits: i64 = logits
-                .argmax(1)
-                .reshape([splits.validation.rows()])
-                .equal(y_validation.clone())
-                .int()
-                .sum()
-                .into_scalar();
-            let loss: f32 = loss.into_scalar();
-            (
-                hits as f64 / splits.validation.rows() as f64,
-                f64::from(loss),
+            score_validation(
+                network.valid().forward(x_validation.clone()),
+                y_validation.clone(),
+                &validation_loss_fn,
             )
         } else {
             (0.0, 0.0)
         };
-        let train_loss: f32 = loss_sum.into_scalar();
-        let train_correct: i64 = correct.into_scalar();
-        let metrics = EpochMetrics {
+        let metrics = EpochMetrics::from_sums(
             epoch,
-            train_loss: f64::from(train_loss) / n_train as f64,
-            train_accuracy: train_correct as f64 / n_train as f64,
+            loss_sum,
+            correct,
+            n_train,
             validation_accuracy,
-            seconds: epoch_started.elapsed().as_secs_f64(),
-        };
+            epoch_started,
+        );
         on_epoch(&metrics);
         history.push(metrics);
-        let improved = match &best {
-            None => true,
-            Some((accuracy, loss, _, _)) => {
-                !has_validation
-                    || validation_accuracy > *accuracy
-                    || (validation_accuracy == *accuracy && validation_loss < *loss)
-            }
-        };
-        if improved {
-            best = Some((
+        if BestEpoch::improved_on(&best, has_validation, validation_accuracy, validation_loss) {
+            best = Some(BestEpoch::new(
                 validation_accuracy,
                 validation_loss,
                 epoch,
@@ -494,7 +475,12 @@ pub fn distill_mlp(
         }
     }
     let train_seconds = started.elapsed().as_secs_f64();
-    let Some((_, _, best_epoch, layers)) = best else {
+    let Some(BestEpoch {
+        epoch: best_epoch,
+        layers,
+        ..
+    }) = best
+    else {
         return Err(DistillError::Package("no epoch ran".into()));
     };
 

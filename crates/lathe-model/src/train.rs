@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
@@ -111,6 +111,87 @@ pub struct EpochMetrics {
     pub validation_accuracy: f64,
     /// Wall time of the epoch, validation included.
     pub seconds: f64,
+}
+
+impl EpochMetrics {
+    /// An epoch's figures from its summed training loss (`[1]`, rows × batch mean), its count
+    /// of correct training predictions and its validation accuracy.
+    pub(crate) fn from_sums(
+        epoch: usize,
+        loss_sum: Tensor<1>,
+        correct: Tensor<1, Int>,
+        n_train: usize,
+        validation_accuracy: f64,
+        started: Instant,
+    ) -> Self {
+        let train_loss: f32 = loss_sum.into_scalar();
+        let train_correct: i64 = correct.into_scalar();
+        EpochMetrics {
+            epoch,
+            train_loss: f64::from(train_loss) / n_train as f64,
+            train_accuracy: train_correct as f64 / n_train as f64,
+            validation_accuracy,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// The validation split's accuracy and mean cross-entropy for a model's logits over it.
+pub(crate) fn score_validation(
+    logits: Tensor<2>,
+    labels: Tensor<1, Int>,
+    loss_fn: &CrossEntropyLoss,
+) -> (f64, f64) {
+    let rows = labels.dims()[0];
+    let loss: f32 = loss_fn
+        .forward(logits.clone(), labels.clone())
+        .into_scalar();
+    let hits: i64 = logits
+        .argmax(1)
+        .reshape([rows])
+        .equal(labels)
+        .int()
+        .sum()
+        .into_scalar();
+    (hits as f64 / rows as f64, f64::from(loss))
+}
+
+/// The epoch whose weights training keeps: the best validation accuracy, ties going to the
+/// lower validation loss. Without a validation split every epoch improves, so the last one
+/// is kept.
+pub(crate) struct BestEpoch {
+    accuracy: f64,
+    loss: f64,
+    pub(crate) epoch: usize,
+    pub(crate) layers: Vec<LayerTensors>,
+}
+
+impl BestEpoch {
+    /// Whether an epoch with these validation figures replaces `best`.
+    pub(crate) fn improved_on(
+        best: &Option<BestEpoch>,
+        has_validation: bool,
+        accuracy: f64,
+        loss: f64,
+    ) -> bool {
+        match best {
+            None => true,
+            Some(b) => {
+                !has_validation
+                    || accuracy > b.accuracy
+                    || (accuracy == b.accuracy && loss < b.loss)
+            }
+        }
+    }
+
+    pub(crate) fn new(accuracy: f64, loss: f64, epoch: usize, layers: Vec<LayerTensors>) -> Self {
+        BestEpoch {
+            accuracy,
+            loss,
+            epoch,
+            layers,
+        }
+    }
 }
 
 /// The result of [`train_mlp`].
@@ -294,7 +375,7 @@ pub fn train_mlp(
     let mut order: Vec<i64> = (0..n_train as i64).collect();
 
     let mut history = Vec::with_capacity(cfg.epochs);
-    let mut best: Option<(f64, f64, usize, Vec<LayerTensors>)> = None;
+    let mut best: Option<BestEpoch> = None;
     let mut epochs_without_improvement = 0;
     let started = Instant::now();
     for epoch in 1..=cfg.epochs {
@@ -320,47 +401,27 @@ pub fn train_mlp(
         }
 
         let (validation_accuracy, validation_loss) = if has_validation {
-            let snapshot = network.valid();
-            let logits = snapshot.forward(x_validation.clone()); // [validation, classes]
-            let loss = validation_loss_fn.forward(logits.clone(), y_validation.clone());
-            let hits = logits
-                .argmax(1)
-                .reshape([splits.validation.rows()])
-                .equal(y_validation.clone())
-                .int()
-                .sum();
-            let hits: i64 = hits.into_scalar();
-            let loss: f32 = loss.into_scalar();
-            (
-                hits as f64 / splits.validation.rows() as f64,
-                f64::from(loss),
+            score_validation(
+                network.valid().forward(x_validation.clone()),
+                y_validation.clone(),
+                &validation_loss_fn,
             )
         } else {
             (0.0, 0.0)
         };
-        let train_loss: f32 = loss_sum.into_scalar();
-        let train_correct: i64 = correct.into_scalar();
-        let metrics = EpochMetrics {
+        let metrics = EpochMetrics::from_sums(
             epoch,
-            train_loss: f64::from(train_loss) / n_train as f64,
-            train_accuracy: train_correct as f64 / n_train as f64,
+            loss_sum,
+            correct,
+            n_train,
             validation_accuracy,
-            seconds: epoch_started.elapsed().as_secs_f64(),
-        };
+            epoch_started,
+        );
         on_epoch(&metrics);
         history.push(metrics);
 
-        // Without a validation split every epoch "improves", so the last one is kept.
-        let improved = match &best {
-            None => true,
-            Some((accuracy, loss, _, _)) => {
-                !has_validation
-                    || validation_accuracy > *accuracy
-                    || (validation_accuracy == *accuracy && validation_loss < *loss)
-            }
-        };
-        if improved {
-            best = Some((
+        if BestEpoch::improved_on(&best, has_validation, validation_accuracy, validation_loss) {
+            best = Some(BestEpoch::new(
                 validation_accuracy,
                 validation_loss,
                 epoch,
@@ -378,7 +439,12 @@ pub fn train_mlp(
         }
     }
     let train_seconds = started.elapsed().as_secs_f64();
-    let Some((_, _, best_epoch, layers)) = best else {
+    let Some(BestEpoch {
+        epoch: best_epoch,
+        layers,
+        ..
+    }) = best
+    else {
         // cfg.epochs >= 1 was checked, so the first epoch always sets `best`.
         return Err(TrainError::Package("no epoch ran".into()));
     };
