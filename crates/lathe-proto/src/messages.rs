@@ -161,6 +161,32 @@ pub struct JobRecord {
     pub spans: Vec<SpanTiming>,
 }
 
+impl JobRecord {
+    /// The record of a spec refused at intake, ended at `at_ms`: `errors` names every
+    /// invalid field, and the job's error sums them up.
+    pub fn rejected(job_id: JobId, name: String, errors: Vec<FieldError>, at_ms: u64) -> Self {
+        let summary = errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        JobRecord {
+            schema_version: crate::SCHEMA_VERSION,
+            job_id,
+            name,
+            state: JobState::Rejected,
+            spec: None,
+            errors,
+            error: Some(format!("invalid spec: {summary}")),
+            submitted_at_ms: at_ms,
+            updated_at_ms: at_ms,
+            finished_at_ms: Some(at_ms),
+            steps: vec![],
+            spans: vec![],
+        }
+    }
+}
+
 /// What happened to a job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]

@@ -2,14 +2,14 @@
 //! SHA-256 digest; a read recomputes the digest and refuses bytes that do not match, naming
 //! the artifact.
 
+use std::time::Duration;
+
 use async_nats::jetstream::object_store::{ObjectInfo, ObjectStore};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE;
 use futures::StreamExt;
 use lathe_proto::{ArtifactRef, names};
 use sha2::{Digest, Sha256};
-use std::time::Duration;
-
 use tokio::io::AsyncReadExt;
 
 use crate::error::RuntimeError;
@@ -69,7 +69,13 @@ impl ArtifactStore {
     pub async fn get(&self, r: &ArtifactRef) -> Result<Vec<u8>, RuntimeError> {
         let bytes = read_object(&self.store, &r.name, self.stall)
             .await
-            .map_err(|e| e.into_error("artifact", &r.name, "not found".into()))?;
+            .map_err(|e| {
+                let not_found = RuntimeError::Artifact {
+                    name: r.name.clone(),
+                    reason: "not found".into(),
+                };
+                e.into_error("artifact", &r.name, not_found)
+            })?;
         let actual = digest_of(&bytes);
         if actual != r.digest {
             return Err(RuntimeError::Artifact {
@@ -105,17 +111,12 @@ enum ReadFailure {
 }
 
 impl ReadFailure {
-    fn into_error(self, kind: &'static str, name: &str, not_found: String) -> RuntimeError {
-        match (self, kind) {
-            (ReadFailure::NotFound, "dataset") => RuntimeError::Dataset {
-                name: name.into(),
-                reason: not_found,
-            },
-            (ReadFailure::NotFound, _) => RuntimeError::Artifact {
-                name: name.into(),
-                reason: not_found,
-            },
-            (ReadFailure::Unreadable(reason), kind) => RuntimeError::Unreadable {
+    /// `not_found` for a missing object, else [`RuntimeError::Unreadable`] naming the
+    /// `kind` of object and its name.
+    fn into_error(self, kind: &'static str, name: &str, not_found: RuntimeError) -> RuntimeError {
+        match self {
+            ReadFailure::NotFound => not_found,
+            ReadFailure::Unreadable(reason) => RuntimeError::Unreadable {
                 kind,
                 name: name.into(),
                 reason,
@@ -201,11 +202,11 @@ impl DatasetStore {
         read_object(&self.store, name, READ_STALL)
             .await
             .map_err(|e| {
-                e.into_error(
-                    "dataset",
-                    name,
-                    format!("not found in bucket {}", names::DATASETS_BUCKET),
-                )
+                let not_found = RuntimeError::Dataset {
+                    name: name.into(),
+                    reason: format!("not found in bucket {}", names::DATASETS_BUCKET),
+                };
+                e.into_error("dataset", name, not_found)
             })
     }
 

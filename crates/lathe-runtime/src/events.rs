@@ -95,26 +95,17 @@ impl Events {
     /// must not hold the queue for each of them.
     pub async fn emit(&self, event: EventBuilder) {
         let event = event.build();
-        let span = tracing::Span::current();
-        if event.kind.is_terminal() {
+        let (done, stored) = if event.kind.is_terminal() {
             let (done, stored) = oneshot::channel();
-            if self
-                .queue
-                .send(Queued::Event {
-                    event,
-                    span,
-                    done: Some(done),
-                })
-                .is_ok()
-            {
-                let _ = stored.await;
-            }
+            (Some(done), Some(stored))
         } else {
-            let _ = self.queue.send(Queued::Event {
-                event,
-                span,
-                done: None,
-            });
+            (None, None)
+        };
+        let span = tracing::Span::current();
+        if self.queue.send(Queued::Event { event, span, done }).is_ok()
+            && let Some(stored) = stored
+        {
+            let _ = stored.await;
         }
     }
 

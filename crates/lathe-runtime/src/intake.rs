@@ -289,38 +289,13 @@ async fn reject(
     errors: Vec<FieldError>,
 ) -> Result<(), RuntimeError> {
     let now = now_ms();
-    let summary = errors
-        .iter()
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>()
-        .join("; ");
-    let record = JobRecord {
-        schema_version: lathe_proto::SCHEMA_VERSION,
-        job_id: job,
-        name,
-        state: JobState::Rejected,
-        spec: None,
-        errors: errors.clone(),
-        error: Some(format!("invalid spec: {summary}")),
-        submitted_at_ms: now,
-        updated_at_ms: now,
-        finished_at_ms: Some(now),
-        steps: vec![],
-        spans: vec![],
-    };
+    let record = JobRecord::rejected(job, name, errors, now);
     if res.jobs.create(&record).await? {
-        tracing::info!(%job, %summary, "Job rejected");
-        trace::end_job_root(
-            job,
-            &record.name,
-            now,
-            Some(&format!("invalid spec: {summary}")),
-        );
+        let error = record.error.clone().unwrap_or_default();
+        tracing::info!(%job, %error, "Job rejected");
+        trace::end_job_root(job, &record.name, now, Some(&error));
         res.events
-            .emit(
-                EventBuilder::new(job, EventKind::Rejected, format!("invalid spec: {summary}"))
-                    .errors(errors),
-            )
+            .emit(EventBuilder::new(job, EventKind::Rejected, error).errors(record.errors))
             .await;
     }
     Ok(())

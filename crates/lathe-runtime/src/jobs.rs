@@ -166,10 +166,8 @@ impl JobStore {
     /// the bucket ([`crate::kv_scan`]); unreadable ones are skipped with a warning.
     pub async fn list_with_revisions(&self) -> Result<Vec<(JobRecord, u64)>, RuntimeError> {
         let mut out = Vec::new();
-        for latest in crate::kv_scan::latest_values(&self.client, &self.kv).await? {
-            let Ok(job) = latest.key.parse::<JobId>() else {
-                continue;
-            };
+        for latest in crate::kv_scan::latest_values::<JobId>(&self.client, &self.kv).await? {
+            let job = latest.key;
             match Self::decode(job, &latest.value) {
                 Ok(record) => out.push((record, latest.revision)),
                 Err(e) => tracing::warn!(%job, error = %e, "Skipping unreadable job record"),

@@ -18,18 +18,19 @@ use crate::error::RuntimeError;
 const STALL: Duration = Duration::from_secs(10);
 
 /// One key's current value and its revision (the stream sequence that wrote it).
-pub struct Latest {
-    pub key: String,
+pub struct Latest<K> {
+    pub key: K,
     pub value: Bytes,
     pub revision: u64,
 }
 
-/// The current value of every key of `store` that is not deleted or purged, as stored when
-/// the scan starts (writes during the scan are not waited for), in stream order.
-pub async fn latest_values(
+/// The current value of every key of `store` that parses as a `K` and is not deleted or
+/// purged, as stored when the scan starts (writes during the scan are not waited for), in
+/// stream order. Keys that do not parse (not written by lathe) are passed over.
+pub async fn latest_values<K: std::str::FromStr>(
     client: &async_nats::Client,
     store: &kv::Store,
-) -> Result<Vec<Latest>, RuntimeError> {
+) -> Result<Vec<Latest<K>>, RuntimeError> {
     let op = "kv scan";
     let prefix = store.prefix.clone();
     let consumer = store
@@ -79,11 +80,15 @@ pub async fn latest_values(
             .info()
             .map_err(|e| RuntimeError::nats(op, e))?
             .stream_sequence;
-        let Some(key) = message.subject.strip_prefix(prefix.as_str()) else {
+        let Some(Ok(key)) = message
+            .subject
+            .strip_prefix(prefix.as_str())
+            .map(str::parse::<K>)
+        else {
             continue;
         };
         out.push(Latest {
-            key: key.to_string(),
+            key,
             value: message.payload.clone(),
             revision,
         });

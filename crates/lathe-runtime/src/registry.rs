@@ -72,12 +72,9 @@ impl Registry {
     /// bucket ([`crate::kv_scan`]).
     pub async fn list_with_revisions(&self) -> Result<Vec<(ModelEntry, u64)>, RuntimeError> {
         let mut out = Vec::new();
-        for latest in crate::kv_scan::latest_values(&self.client, &self.kv).await? {
-            let Ok(model) = latest.key.parse::<ModelName>() else {
-                continue;
-            };
+        for latest in crate::kv_scan::latest_values::<ModelName>(&self.client, &self.kv).await? {
             out.push((
-                Self::decode(model.as_str(), &latest.value)?,
+                Self::decode(latest.key.as_str(), &latest.value)?,
                 latest.revision,
             ));
         }

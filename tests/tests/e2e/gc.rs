@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use lathe_proto::JobState;
+use lathe_proto::{JobId, JobState};
 use lathe_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,24 +151,6 @@ async fn gc_forgets_old_versions_but_keeps_the_active_one_and_its_rollback_targe
     deployer.stop().await;
 }
 
-/// A job record as intake writes a rejected one (no spec, no steps).
-fn bare_record(name: &str, submitted_at_ms: u64) -> lathe_proto::JobRecord {
-    lathe_proto::JobRecord {
-        schema_version: lathe_proto::SCHEMA_VERSION,
-        job_id: lathe_proto::JobId::new(),
-        name: name.into(),
-        state: JobState::Rejected,
-        spec: None,
-        errors: vec![],
-        error: Some("invalid spec".into()),
-        submitted_at_ms,
-        updated_at_ms: submitted_at_ms,
-        finished_at_ms: Some(submitted_at_ms),
-        steps: vec![],
-        spans: vec![],
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_job_records_returns_each_live_record_once_at_its_latest_revision() {
     let s = stack().await;
@@ -179,7 +161,7 @@ async fn listing_job_records_returns_each_live_record_once_at_its_latest_revisio
         .await
         .unwrap();
     let records: Vec<_> = (0..300)
-        .map(|i| bare_record(&format!("r{i}"), 1_000 + i))
+        .map(|i| lathe_proto::JobRecord::rejected(JobId::new(), format!("r{i}"), vec![], 1_000 + i))
         .collect();
     for r in &records {
         assert!(s.res.jobs.create(r).await.unwrap());

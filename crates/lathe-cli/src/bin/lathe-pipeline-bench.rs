@@ -245,20 +245,7 @@ async fn listing(res: &Resources, n: u64) -> Result<serde_json::Value, Box<dyn E
     let now = lathe_proto::now_ms();
     let mut writes = futures::stream::iter(0..n)
         .map(|i| {
-            let record = JobRecord {
-                schema_version: lathe_proto::SCHEMA_VERSION,
-                job_id: JobId::new(),
-                name: format!("listed-{i}"),
-                state: JobState::Rejected,
-                spec: None,
-                errors: vec![],
-                error: Some("invalid spec: listing benchmark".into()),
-                submitted_at_ms: now,
-                updated_at_ms: now,
-                finished_at_ms: Some(now),
-                steps: vec![],
-                spans: vec![],
-            };
+            let record = JobRecord::rejected(JobId::new(), format!("listed-{i}"), vec![], now);
             async move { res.jobs.create(&record).await }
         })
         .buffer_unordered(64);
