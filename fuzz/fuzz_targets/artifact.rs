@@ -31,6 +31,7 @@ fn bodies() -> &'static [Vec<u8>] {
                 shape: vec![n_out],
                 values: (0..n_out).map(value).collect(),
             },
+            input_range: None,
         };
         let dense = Artifact::from_imported(
             MlpConfig::new(6, vec![5], 3),

@@ -480,6 +480,21 @@ pub struct LayerTensors {
     pub weight: TensorData,
     /// The bias, `[out]`.
     pub bias: TensorData,
+    /// The calibrated range of this layer's input, for static activation quantization: an
+    /// int8 engine layer then rounds its input to `u8` over this fixed range instead of each
+    /// row's own. The input is as the engine sees it: for the first layer the raw features
+    /// divided by the standardiser's scale (its mean is folded into the bias), for the
+    /// others the previous layer's ReLU outputs. Absent for float layers, and for dynamic
+    /// quantization; artifacts written before it read as absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_range: Option<InputRange>,
+}
+
+/// A closed range of a layer's input values (see [`LayerTensors::input_range`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct InputRange {
+    pub min: f32,
+    pub max: f32,
 }
 
 /// One pipeline stage that shaped this artifact, oldest first in [`Artifact::lineage`].
@@ -1119,6 +1134,7 @@ mod v1 {
                     .map(|l| LayerTensors {
                         weight: l.weight.into(),
                         bias: l.bias.into(),
+                        input_range: None,
                     })
                     .collect(),
                 preprocessing: self.preprocessing,
@@ -1337,6 +1353,17 @@ impl Artifact {
             }
             layer.weight.validate(&weight_field)?;
             layer.bias.validate(&bias_field)?;
+            if let Some(r) = layer.input_range
+                && !(r.min.is_finite() && r.max.is_finite() && r.min <= r.max)
+            {
+                return Err(invalid(
+                    format!("layers[{index}].input_range"),
+                    format!(
+                        "[{}, {}] is not a finite range with min <= max",
+                        r.min, r.max
+                    ),
+                ));
+            }
         }
         let input = config.input;
         let pre = &self.preprocessing;

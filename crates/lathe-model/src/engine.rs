@@ -16,7 +16,10 @@
 //!
 //! An int8 layer (one scale per output or per tensor) keeps its weights as `i8` and runs
 //! `u8 × i8` dot products with `i32` sums (AVX-512 VNNI, or a scalar loop giving the same
-//! integers); each row's activations are rounded to `u8` over that row's own range. Rows
+//! integers); each row's activations are rounded to `u8` over the layer's calibrated input
+//! range when the artifact stores one (static quantization: one pass over the row, no range
+//! to find first), or over the row's own range (dynamic, and for a row that falls off the
+//! calibrated range, which clamping would distort). Rows
 //! and batches run the same arithmetic, so they give identical answers; against the
 //! dequantized float model the difference is the activation rounding (the tests bound it
 //! and check that the classes agree on at least 99.5 % of the digits test rows). The
@@ -25,9 +28,10 @@
 
 use std::cell::RefCell;
 
-use crate::artifact::{Artifact, ArtifactError, TensorData};
+use crate::artifact::{Artifact, ArtifactError, LayerTensors, TensorData};
 use crate::kernels::{
-    self, Int8Weight, PaddedWeight, RowQuant, RowScratch, SPARSE_LANES, SparseWeight,
+    self, ActivationGrid, Int8Weight, PaddedWeight, RowQuant, RowScratch, SPARSE_LANES,
+    SparseWeight,
 };
 
 /// The largest share of non-zero weights at which a layer's batches run on the sparse batch
@@ -123,8 +127,9 @@ enum Weight {
     Both(PaddedWeight, SparseWeight),
     /// Int8 weights with a scale and zero point per output (the weight is
     /// `scale[o] · (q − zero[o])`), run as `u8 × i8` dot products with `i32` sums: each
-    /// row's activations are quantized to `u8` on the fly (per row, over its own range), so
-    /// the weights stay one byte each in memory and in the kernel. See `kernels::int8_dot`.
+    /// row's activations are quantized to `u8` on the fly, over the layer's calibrated
+    /// range (static) or the row's own (dynamic), so the weights stay one byte each in
+    /// memory and in the kernel. See `kernels::int8_dot`.
     Int8 {
         w: Int8Weight,
         scale: Vec<f32>,
@@ -132,6 +137,8 @@ enum Weight {
         /// For the first layer: `1 / standardiser scale` per input, applied to each request
         /// before quantization (the standardiser cannot be folded into integer weights).
         input_scale: Option<Vec<f32>>,
+        /// The calibrated input grid (static quantization), or `None` for each row's own.
+        grid: Option<ActivationGrid>,
     },
 }
 
@@ -152,6 +159,7 @@ impl Weight {
             scale,
             zero,
             input_scale,
+            grid,
         } = self
         else {
             return None;
@@ -168,7 +176,7 @@ impl Weight {
             xq.resize(rows * stride, 0);
             quants.clear();
             for (row, q) in x.chunks_exact(w.n_in).zip(xq.chunks_exact_mut(stride)) {
-                quants.push(kernels::quantize_row(row, input_scale.as_deref(), q));
+                quants.push(kernels::quantize_row(row, input_scale.as_deref(), *grid, q));
             }
             let groups = if rows == 1 {
                 kernels::active_groups(xq, active);
@@ -190,23 +198,44 @@ impl Weight {
     }
 }
 
+/// Whether the engine runs a layer with this weight on the integer kernels (quantizing its
+/// input): dense quantized weights with one scale per output or per tensor. Grouped and
+/// sparse ones are dequantized onto the `f32` kernels at load.
+pub fn runs_on_int8_kernels(weight: &TensorData) -> bool {
+    match weight {
+        TensorData::QuantizedInt {
+            shape,
+            group,
+            sparse: false,
+            ..
+        } => match shape.as_slice() {
+            &[n_out, n_in] => *group == n_in * n_out || *group == n_in,
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 /// An int8 engine layer from a quantized artifact weight with one scale per output (or per
-/// tensor), or `None` when the storage needs another form (grouped, sparse).
+/// tensor), or `None` when the storage needs another form (see [`runs_on_int8_kernels`]).
+/// Its inputs are quantized over the layer's calibrated range when the artifact has one.
 fn int8_layer(
     index: usize,
-    data: &TensorData,
+    layer: &LayerTensors,
     pre: &crate::data::Standardizer,
 ) -> Option<(Weight, Vec<f32>)> {
+    if !runs_on_int8_kernels(&layer.weight) {
+        return None;
+    }
     let TensorData::QuantizedInt {
         shape,
         bits,
         group,
         scales,
         zero_points,
-        sparse: false,
         data,
         ..
-    } = data
+    } = &layer.weight
     else {
         return None;
     };
@@ -214,9 +243,6 @@ fn int8_layer(
         return None;
     };
     let per_tensor = *group == n_in * n_out;
-    if !(per_tensor || *group == n_in) {
-        return None;
-    }
     let g = |o: usize| if per_tensor { 0 } else { o };
     let scale: Vec<f32> = (0..n_out).map(|o| scales[g(o)]).collect();
     let zero: Vec<f32> = (0..n_out)
@@ -244,6 +270,9 @@ fn int8_layer(
             scale,
             zero,
             input_scale,
+            grid: layer
+                .input_range
+                .map(|r| ActivationGrid::spanning(r.min, r.max)),
         },
         shift,
     ))
@@ -390,7 +419,7 @@ impl Engine {
         let mut built: Vec<Result<F32Layer, Layer>> = Vec::with_capacity(artifact.layers.len());
         for (index, layer) in artifact.layers.iter().enumerate() {
             if choice == KernelChoice::Auto
-                && let Some((weight, shift)) = int8_layer(index, &layer.weight, pre)
+                && let Some((weight, shift)) = int8_layer(index, layer, pre)
             {
                 let bias = f32_values(index, "bias", &layer.bias)?;
                 let &[n_out, n_in] = layer.weight.shape() else {
@@ -522,6 +551,7 @@ impl Engine {
                             scale,
                             zero,
                             input_scale,
+                            ..
                         } => {
                             w.resident_bytes()
                                 + 4 * (scale.len()

@@ -294,6 +294,7 @@ pub fn import_safetensors(bytes: &[u8]) -> Result<(MlpConfig, Vec<LayerTensors>)
                 shape: vec![n_out],
                 values: to_f32(&bias_key, &bias)?,
             },
+            input_range: None,
         });
         previous_key = weight_key;
     }

@@ -559,35 +559,74 @@ pub(crate) struct RowQuant {
     pub(crate) sum: f32,
 }
 
+/// The `u8` grid over a range of activations, widened to include 0 so that a zero (a ReLU's
+/// or a pruned input's) stays exactly zero: `x ≈ scale · (xq − zero)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct ActivationGrid {
+    pub(crate) scale: f32,
+    pub(crate) zero: i32,
+}
+
+impl ActivationGrid {
+    /// The grid of 256 levels spanning `[min(lo, 0), max(hi, 0)]`.
+    pub(crate) fn spanning(lo: f32, hi: f32) -> ActivationGrid {
+        let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+        let span = hi - lo;
+        let scale = if span > 0.0 { span / 255.0 } else { 1.0 };
+        let zero = (-lo / scale).round().clamp(0.0, 255.0) as i32;
+        ActivationGrid { scale, zero }
+    }
+}
+
 /// Quantizes one row (times `input_scale` per value when given) to `u8` in `xq` (of
-/// [`Int8Weight::row_stride`] bytes; the padding is zeroed): the range is `[0, max]` for a
-/// non-negative row (ReLU outputs), else `[min, max]` with a zero point.
-pub(crate) fn quantize_row(x: &[f32], input_scale: Option<&[f32]>, xq: &mut [u8]) -> RowQuant {
+/// [`Int8Weight::row_stride`] bytes; the padding is zeroed). With a `grid` (static
+/// quantization, calibrated ranges) values are rounded onto it, unless one falls outside it:
+/// clamping that value would cost more than the grid's half step, so such a row is quantized
+/// as without a grid. Without one (dynamic) the grid spans the row's own range: `[0, max]`
+/// for a non-negative row (ReLU outputs), else `[min, max]` with a zero point.
+pub(crate) fn quantize_row(
+    x: &[f32],
+    input_scale: Option<&[f32]>,
+    grid: Option<ActivationGrid>,
+    xq: &mut [u8],
+) -> RowQuant {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
         {
             // SAFETY: the CPU supports AVX-512F/BW, checked just above.
-            return unsafe { quantize_row_avx512(x, input_scale, xq) };
+            return unsafe { quantize_row_avx512(x, input_scale, grid, xq) };
         }
     }
-    quantize_row_portable(x, input_scale, xq)
+    quantize_row_portable(x, input_scale, grid, xq)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-fn quantize_row_avx512(x: &[f32], input_scale: Option<&[f32]>, xq: &mut [u8]) -> RowQuant {
-    quantize_row_portable(x, input_scale, xq)
+fn quantize_row_avx512(
+    x: &[f32],
+    input_scale: Option<&[f32]>,
+    grid: Option<ActivationGrid>,
+    xq: &mut [u8],
+) -> RowQuant {
+    quantize_row_portable(x, input_scale, grid, xq)
 }
 
 /// [`quantize_row`] in plain Rust, inlined into the wrapper above so that its loops
 /// vectorize for the instruction set there.
 #[inline(always)]
-fn quantize_row_portable(x: &[f32], input_scale: Option<&[f32]>, xq: &mut [u8]) -> RowQuant {
-    match input_scale {
-        Some(s) => quantize_row_lanes::<true>(x, s, xq),
-        None => quantize_row_lanes::<false>(x, x, xq),
+fn quantize_row_portable(
+    x: &[f32],
+    input_scale: Option<&[f32]>,
+    grid: Option<ActivationGrid>,
+    xq: &mut [u8],
+) -> RowQuant {
+    match (input_scale, grid) {
+        (Some(s), None) => quantize_row_lanes::<true>(x, s, xq),
+        (None, None) => quantize_row_lanes::<false>(x, x, xq),
+        (Some(s), Some(grid)) => quantize_row_on_grid::<true>(x, s, grid, xq),
+        (None, Some(grid)) => quantize_row_on_grid::<false>(x, x, grid, xq),
     }
 }
 
@@ -598,9 +637,18 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 /// Lanes of the range and sum reductions in [`quantize_row_lanes`].
 const QUANT_LANES: usize = 16;
 
-/// [`quantize_row`] with the input scale applied when `SCALED` (else `s` is ignored).
-/// The range and the sum are reduced over [`QUANT_LANES`] independent lanes with plain
-/// comparisons, so they compile to vector min/max/add: a single running `f32::min`,
+/// `t` (in `[0, 255]`) rounded to nearest, ties to even, by adding 1.5 · 2²³: the sum's
+/// last mantissa bits are then the rounded integer. Bit operations vectorize; `f32::round`
+/// is a library call on baseline x86-64, and a saturating `as i32` (NaN → 0) compiled to a
+/// scalar compare and conversion per value.
+#[inline(always)]
+fn round_to_u8(t: f32) -> u8 {
+    ((t + ROUND_MAGIC).to_bits() & 0xff) as u8
+}
+
+/// [`quantize_row`] without a grid, with the input scale applied when `SCALED` (else `s` is
+/// ignored). The range and the sum are reduced over [`QUANT_LANES`] independent lanes with
+/// plain comparisons, so they compile to vector min/max/add: a single running `f32::min`,
 /// `f32::max` and sum is a chain of dependent scalar instructions (with NaN handling)
 /// that took about 70 % of an int8 batch before. The inputs are finite (the engine checks
 /// requests), so the comparisons need no NaN handling; the sum's order differs from a
@@ -632,22 +680,76 @@ fn quantize_row_lanes<const SCALED: bool>(x: &[f32], s: &[f32], xq: &mut [u8]) -
     let lo = lo.iter().fold(0f32, |m, &v| if v < m { v } else { m });
     let hi = hi.iter().fold(0f32, |m, &v| if v > m { v } else { m });
     let sum: f32 = sum.iter().sum();
-    let span = hi - lo;
-    let scale = if span > 0.0 { span / 255.0 } else { 1.0 };
+    let ActivationGrid { scale, zero } = ActivationGrid::spanning(lo, hi);
     let inv = 1.0 / scale;
-    let zero = (-lo * inv).round().clamp(0.0, 255.0) as i32;
     let offset = zero as f32;
     let (head, pad) = xq.split_at_mut(n.min(xq.len()));
     for ((q, &xv), &sv) in head.iter_mut().zip(x).zip(s) {
-        // Round to nearest (ties to even) by adding 1.5 · 2²³: for a value in [0, 255] the
-        // sum's last mantissa bits are then the rounded integer. Bit operations vectorize;
-        // `f32::round` is a library call on baseline x86-64, and a saturating `as i32`
-        // (NaN → 0) compiled to a scalar compare and conversion per value.
-        let t = (value(xv, sv) * inv + offset).clamp(0.0, 255.0);
-        *q = ((t + ROUND_MAGIC).to_bits() & 0xff) as u8;
+        *q = round_to_u8((value(xv, sv) * inv + offset).clamp(0.0, 255.0));
     }
     pad.fill(0);
     RowQuant { scale, zero, sum }
+}
+
+/// [`quantize_row`] onto a calibrated grid, in one pass over the row: the sum, the rounded
+/// values and the lowest and highest grid positions are computed together (there is no
+/// range to find first, which is what makes static quantization cheaper than dynamic). A
+/// position more than half a step off the grid means clamping would cost more than
+/// rounding: the row is then quantized over its own range ([`quantize_row_lanes`]).
+#[inline(always)]
+fn quantize_row_on_grid<const SCALED: bool>(
+    x: &[f32],
+    s: &[f32],
+    grid: ActivationGrid,
+    xq: &mut [u8],
+) -> RowQuant {
+    let n = x.len();
+    let s = if SCALED { &s[..n] } else { x };
+    let value = |xv: f32, sv: f32| if SCALED { xv * sv } else { xv };
+    let inv = 1.0 / grid.scale;
+    let offset = grid.zero as f32;
+    let mut lo = [offset; QUANT_LANES];
+    let mut hi = [offset; QUANT_LANES];
+    let mut sum = [0f32; QUANT_LANES];
+    let (head, pad) = xq.split_at_mut(n.min(xq.len()));
+    let mut qc = head.chunks_exact_mut(QUANT_LANES);
+    let mut xc = x.chunks_exact(QUANT_LANES);
+    let mut sc = s.chunks_exact(QUANT_LANES);
+    for ((qs, xs), ss) in (&mut qc).zip(&mut xc).zip(&mut sc) {
+        for k in 0..QUANT_LANES {
+            let v = value(xs[k], ss[k]);
+            sum[k] += v;
+            let u = v * inv + offset;
+            lo[k] = if u < lo[k] { u } else { lo[k] };
+            hi[k] = if u > hi[k] { u } else { hi[k] };
+            qs[k] = round_to_u8(u.clamp(0.0, 255.0));
+        }
+    }
+    for (k, ((q, &xv), &sv)) in qc
+        .into_remainder()
+        .iter_mut()
+        .zip(xc.remainder())
+        .zip(sc.remainder())
+        .enumerate()
+    {
+        let v = value(xv, sv);
+        sum[k] += v;
+        let u = v * inv + offset;
+        lo[k] = if u < lo[k] { u } else { lo[k] };
+        hi[k] = if u > hi[k] { u } else { hi[k] };
+        *q = round_to_u8(u.clamp(0.0, 255.0));
+    }
+    let lo = lo.iter().fold(offset, |m, &v| if v < m { v } else { m });
+    let hi = hi.iter().fold(offset, |m, &v| if v > m { v } else { m });
+    if !(-0.5..255.5).contains(&lo) || !(-0.5..255.5).contains(&hi) {
+        return quantize_row_lanes::<SCALED>(x, s, xq);
+    }
+    pad.fill(0);
+    RowQuant {
+        scale: grid.scale,
+        zero: grid.zero,
+        sum: sum.iter().sum(),
+    }
 }
 
 /// `acc[r][o] = Σᵢ xq[r][i] · q[i][o]` (exact `i32`) for `rows` quantized rows of
@@ -1147,7 +1249,7 @@ mod tests {
                     .chunks_exact(n_in)
                     .zip(xq.chunks_exact_mut(w.row_stride()))
                 {
-                    quantize_row(row, None, out);
+                    quantize_row(row, None, None, out);
                 }
                 let mut expected = vec![0i32; rows * w.n_out_pad];
                 int8_dot_portable(&w, None, &xq, rows, &mut expected);
@@ -1235,9 +1337,9 @@ mod tests {
                     for vectorized in [false, true] {
                         let mut xq = vec![7u8; stride];
                         let quant = if vectorized {
-                            quantize_row(&x, input_scale, &mut xq)
+                            quantize_row(&x, input_scale, None, &mut xq)
                         } else {
-                            quantize_row_portable(&x, input_scale, &mut xq)
+                            quantize_row_portable(&x, input_scale, None, &mut xq)
                         };
                         assert_eq!(quant.scale, scale, "n {n}");
                         assert_eq!(quant.zero, zero as i32, "n {n}");
@@ -1260,6 +1362,63 @@ mod tests {
     }
 
     #[test]
+    fn a_calibrated_grid_rounds_rows_onto_itself_and_a_row_off_it_onto_its_own_range() {
+        // A grid calibrated on [-1.5, 3]: 0 is a level.
+        let grid = ActivationGrid::spanning(-1.5, 3.0);
+        assert_eq!(grid.scale, 4.5 / 255.0);
+        assert_eq!(grid.zero, 85);
+        // A range on one side of zero is widened to include it.
+        assert_eq!(ActivationGrid::spanning(0.5, 2.0).zero, 0);
+        assert_eq!(ActivationGrid::spanning(-2.0, -0.5).zero, 255);
+        for scaled in [false, true] {
+            let s: Vec<f32> = (0..20).map(|i| 0.5 + (i % 2) as f32 * 0.5).collect();
+            let input_scale = scaled.then_some(s.as_slice());
+            let scale_of = |x: &[f32]| -> Vec<f32> {
+                (0..x.len())
+                    .map(|i| if scaled { x[i] * s[i] } else { x[i] })
+                    .collect()
+            };
+            // Inside the grid (the last value half a step past its top): rounded onto it.
+            let top = 3.0 + 0.49 * grid.scale;
+            let mut x = vec![0.0, 1.0, -1.0, 2.999, -1.5, 0.01, 2.25, 0.0, -0.7, top];
+            if scaled {
+                x[9] = top; // s[9] = 1
+            }
+            let v = scale_of(&x);
+            let mut xq = vec![9u8; 12];
+            let quant = quantize_row(&x, input_scale, Some(grid), &mut xq);
+            assert_eq!((quant.scale, quant.zero), (grid.scale, grid.zero));
+            let sum: f32 = v.iter().sum();
+            assert!((quant.sum - sum).abs() <= 1e-5 * (1.0 + sum.abs()));
+            for (i, &a) in v.iter().enumerate() {
+                let level = a / grid.scale + grid.zero as f32;
+                let got = f32::from(xq[i]);
+                assert!(
+                    (got - level).abs() <= 0.5 + 1e-3,
+                    "value {i}: {got} for {level}"
+                );
+                if a == 0.0 {
+                    assert_eq!(xq[i] as i32, grid.zero, "a zero stays exactly zero");
+                }
+            }
+            assert_eq!(&xq[10..], &[0, 0], "padding zeroed");
+            // One value past the grid: the row is quantized over its own range, exactly as
+            // without a grid, instead of clamping that value.
+            for far in [7.0, -9.0] {
+                let mut off = x.clone();
+                off[3] = far;
+                let mut with_grid = vec![9u8; 12];
+                let mut own = vec![9u8; 12];
+                let a = quantize_row(&off, input_scale, Some(grid), &mut with_grid);
+                let b = quantize_row(&off, input_scale, None, &mut own);
+                assert_eq!(a, b);
+                assert_eq!(with_grid, own);
+                assert_ne!((a.scale, a.zero), (grid.scale, grid.zero));
+            }
+        }
+    }
+
+    #[test]
     fn the_int8_path_matches_the_dequantized_float_layer_within_activation_rounding() {
         for (n_in, n_out) in [(64, 256), (128, 10), (5, 130)] {
             let (q, scale, zero) = int8_case(n_in, n_out);
@@ -1274,7 +1433,7 @@ mod tests {
             let scaled: Vec<f32> = x.iter().zip(&input_scale).map(|(a, b)| a * b).collect();
             let expected = reference(&scaled, 1, &wt, &bias, false);
             let mut xq = vec![0u8; w.row_stride()];
-            let quant = quantize_row(&x, Some(&input_scale), &mut xq);
+            let quant = quantize_row(&x, Some(&input_scale), None, &mut xq);
             let mut acc = Vec::new();
             int8_dot(&w, &xq, 1, None, &mut acc);
             let mut y = vec![0f32; n_out];

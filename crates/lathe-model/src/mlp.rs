@@ -224,6 +224,7 @@ impl Mlp {
                         shape: vec![fan_out],
                         values: bias_values,
                     },
+                    input_range: None,
                 }
             })
             .collect()

@@ -227,6 +227,7 @@ impl HostLayer {
                 shape: vec![self.n_out],
                 values: self.b.clone(),
             },
+            input_range: None,
         }
     }
 }
@@ -417,6 +418,7 @@ fn finish(
                     shape: vec![l.n_out],
                     values: l.b.clone(),
                 },
+                input_range: None,
             })
         })
         .collect::<Result<Vec<_>, PruneError>>()?;

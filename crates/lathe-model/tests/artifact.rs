@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use lathe_model::artifact::{
-    Artifact, ArtifactError, DriftReference, FORMAT_VERSION, LayerTensors, TensorData, digest_hex,
+    Artifact, ArtifactError, DriftReference, FORMAT_VERSION, InputRange, LayerTensors, TensorData,
+    digest_hex,
 };
 use lathe_model::data::Standardizer;
 use lathe_model::engine::Engine;
@@ -37,6 +38,7 @@ fn layer(n_in: usize, n_out: usize, seed: u64) -> LayerTensors {
             shape: vec![n_out],
             values: values(n_out, seed + 100),
         },
+        input_range: None,
     }
 }
 
@@ -278,6 +280,27 @@ fn inconsistent_artifacts_are_rejected_naming_the_field() {
     let mut a = sample_artifact();
     a.layers.pop();
     check_invalid(a, "the architecture has 3 linear layers but 2 are stored");
+
+    // A calibrated input range must be finite and ordered; a valid one survives the bytes.
+    let mut a = sample_artifact();
+    a.layers[1].input_range = Some(InputRange {
+        min: -0.5,
+        max: 2.25,
+    });
+    assert_eq!(Artifact::from_bytes(&a.to_bytes()).unwrap(), a);
+    a.layers[1].input_range = Some(InputRange { min: 3.0, max: 1.0 });
+    check_invalid(
+        a.clone(),
+        "layers[1].input_range is invalid: [3, 1] is not a finite range with min <= max",
+    );
+    a.layers[1].input_range = Some(InputRange {
+        min: 0.0,
+        max: f32::NAN,
+    });
+    check_invalid(
+        a,
+        "layers[1].input_range is invalid: [0, NaN] is not a finite range",
+    );
 
     let mut a = sample_artifact();
     a.preprocessing.mean.pop();

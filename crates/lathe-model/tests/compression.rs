@@ -5,12 +5,14 @@
 //! alone stays within 0.3 points and its engine holds about a quarter of the float weight
 //! bytes. `just bench` prints the same runs with their timings beside the PyTorch peer.
 
-use lathe_model::artifact::Artifact;
+use lathe_model::artifact::{Artifact, TensorData};
 use lathe_model::data::{Splits, builtin, split};
 use lathe_model::engine::Engine;
 use lathe_model::mlp::MlpConfig;
 use lathe_model::prune::{PruneConfig, Saliency, Scope, Structure, Target, prune_mlp};
-use lathe_model::quantize::{Bits, Calibration, Granularity, QuantizeConfig, quantize_mlp};
+use lathe_model::quantize::{
+    Activations, Bits, Calibration, Granularity, QuantizeConfig, quantize_mlp,
+};
 use lathe_model::train::{TrainConfig, train_mlp};
 
 fn dense() -> (Artifact, f64, Splits) {
@@ -29,9 +31,11 @@ fn dense() -> (Artifact, f64, Splits) {
 fn int8_per_channel() -> QuantizeConfig {
     QuantizeConfig {
         bits: Bits::Eight,
-        granularity: Granularity::PerChannel,
+        granularity: Some(Granularity::PerChannel),
+        group_size: 32,
         symmetric: true,
         calibration: Calibration::Percentile(99.99),
+        activations: Activations::Static,
         calibration_rows: 512,
         max_accuracy_drop: 0.005,
     }
@@ -110,4 +114,70 @@ fn int8_per_channel_keeps_the_accuracy_and_a_quarter_of_the_weight_memory() {
     // entropy-coded, about 15 % under raw f32).
     let share = q.artifact.to_bytes().len() as f64 / dense.to_bytes().len() as f64;
     assert!(share < 0.33, "int8 artifact is {share:.3} of the float one");
+}
+
+#[test]
+fn auto_takes_the_fewest_bits_then_the_coarsest_granularity_inside_the_budget() {
+    let (dense, _, splits) = dense();
+    let auto = QuantizeConfig {
+        bits: Bits::Auto,
+        granularity: None,
+        ..int8_per_channel()
+    };
+    let order = [
+        (4, Granularity::PerTensor),
+        (4, Granularity::PerChannel),
+        (4, Granularity::Grouped(32)),
+        (8, Granularity::PerTensor),
+        (8, Granularity::PerChannel),
+        (8, Granularity::Grouped(32)),
+    ];
+    // Candidates are tried in that order up to the first inside the budget, which is kept.
+    let tried_in_order = |q: &lathe_model::quantize::QuantizeOutcome| {
+        let tried: Vec<_> = q.search.iter().map(|c| (c.bits, c.granularity)).collect();
+        assert_eq!(tried[..], order[..tried.len()], "{:?}", q.search);
+        let (last, before) = q.search.split_last().expect("auto tried something");
+        assert!(last.inside_budget, "{:?}", q.search);
+        assert!(before.iter().all(|c| !c.inside_budget), "{:?}", q.search);
+        assert_eq!((q.bits, q.granularity), (last.bits, last.granularity));
+        for layer in &q.artifact.layers {
+            let TensorData::QuantizedInt {
+                bits, group, shape, ..
+            } = &layer.weight
+            else {
+                panic!("not quantized: {}", layer.weight.kind());
+            };
+            let expected = match q.granularity {
+                Granularity::PerTensor => shape[0] * shape[1],
+                Granularity::PerChannel => shape[1],
+                Granularity::Grouped(g) => g,
+            };
+            assert_eq!((*bits, *group), (q.bits, expected));
+        }
+    };
+    let q = quantize_mlp(&dense, &splits, &auto).unwrap();
+    tried_in_order(&q);
+    // The digits model keeps its accuracy with one 4-bit scale per tensor.
+    assert_eq!((q.bits, q.granularity), (4, Granularity::PerTensor));
+
+    // Pixel 0 is 0 in every digits image, so a weight on it changes no prediction; made a
+    // hundred times the largest weight, it sets the single per-tensor scale of layer 0, and
+    // every other weight of that layer rounds to zero at 4 bits.
+    let mut skewed = dense.clone();
+    let TensorData::DenseF32 { values, .. } = &mut skewed.layers[0].weight else {
+        panic!("the trained model is dense");
+    };
+    let largest = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    values[0] = 100.0 * largest;
+    let same = Engine::from_artifact(&skewed).unwrap();
+    let original = Engine::from_artifact(&dense).unwrap();
+    let n = splits.test.rows();
+    assert_eq!(
+        same.classes_batch(&splits.test.features, n).unwrap(),
+        original.classes_batch(&splits.test.features, n).unwrap()
+    );
+    let q = quantize_mlp(&skewed, &splits, &auto).unwrap();
+    tried_in_order(&q);
+    assert!(q.search.len() > 1, "{:?}", q.search);
+    assert_ne!(q.granularity, Granularity::PerTensor);
 }

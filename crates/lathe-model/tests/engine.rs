@@ -17,11 +17,13 @@ fn tiny_engine() -> Engine {
             // hidden0 = x0 + 2 x1 + 0.5, hidden1 = -3 x0 - x1 - 0.5 (on standardised x)
             weight: dense(vec![2, 2], vec![1.0, 2.0, -3.0, -1.0]),
             bias: dense(vec![2], vec![0.5, -0.5]),
+            input_range: None,
         },
         LayerTensors {
             // logit0 = h0 - h1, logit1 = 2 h1 + 1
             weight: dense(vec![2, 2], vec![1.0, -1.0, 0.0, 2.0]),
             bias: dense(vec![2], vec![0.0, 1.0]),
+            input_range: None,
         },
     ];
     let artifact = Artifact::from_imported(

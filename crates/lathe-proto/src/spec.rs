@@ -426,6 +426,16 @@ pub enum Granularity {
     Grouped,
 }
 
+/// How the served int8 model quantizes each layer's input activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Activations {
+    /// Over the range calibrated on the training sample, stored in the artifact (static).
+    Static,
+    /// Over each request row's own range (dynamic).
+    Dynamic,
+}
+
 /// How activation ranges are calibrated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -438,12 +448,15 @@ pub enum Calibration {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizeParams {
-    /// 8 or 4, or "auto" (fewest bits inside the budget).
+    /// 8 or 4, or "auto": the fewest bits, then the coarsest granularity, inside the
+    /// accuracy budget.
     #[serde(default = "default_bits")]
     pub bits: AutoOr<u32>,
-    #[serde(default = "default_granularity")]
-    pub granularity: Granularity,
-    /// Weights per scale for `grouped`.
+    /// Omitted: `per_channel`, or searched (per tensor, per channel, grouped) when `bits`
+    /// is "auto"; given with "auto" bits, only the bits are searched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granularity: Option<Granularity>,
+    /// Weights per scale for `grouped` (and for the grouped candidate of "auto").
     #[serde(default = "default_group_size")]
     pub group_size: u32,
     /// Symmetric (no zero point) or asymmetric.
@@ -451,6 +464,10 @@ pub struct QuantizeParams {
     pub symmetric: bool,
     #[serde(default = "default_calibration")]
     pub calibration: Calibration,
+    /// Whether the served model quantizes activations over the calibrated ranges (static)
+    /// or over each request row's own range (dynamic).
+    #[serde(default = "default_activations")]
+    pub activations: Activations,
     /// Percentile for `percentile` calibration, in (50, 100].
     #[serde(default = "default_percentile")]
     pub percentile: f64,
@@ -462,8 +479,8 @@ pub struct QuantizeParams {
 fn default_bits() -> AutoOr<u32> {
     AutoOr::Value(8)
 }
-fn default_granularity() -> Granularity {
-    Granularity::PerChannel
+fn default_activations() -> Activations {
+    Activations::Static
 }
 fn default_group_size() -> u32 {
     32

@@ -1,13 +1,16 @@
 //! The quantize stage: loads the input artifact (dense or pruned) and the job's splits,
 //! quantizes every weight to 8 or 4 bits (per tensor, channel or group; symmetric or with
-//! zero points; `"auto"` picks 4 bits when the validation accuracy stays inside the budget),
-//! calibrates the activation ranges on a sample of the training split, and hands on the
-//! integer artifact (sparse int8/int4 for a pruned model). Records accuracy, bits, bytes.
+//! zero points; `"auto"` picks the fewest bits, then the coarsest granularity, whose
+//! validation accuracy stays inside the budget), calibrates the activation ranges on a
+//! sample of the training split and stores them for the served model's static activation
+//! quantization, and hands on the integer artifact (sparse int8/int4 for a pruned model).
+//! Records accuracy, bits, bytes, and in the step's details the chosen granularity and what
+//! `"auto"` tried.
 
 use std::time::Instant;
 
 use lathe_model::quantize::{
-    Bits, Calibration, Granularity, QuantizeConfig, outcome_metrics, quantize_mlp,
+    Activations, Bits, Calibration, Granularity, QuantizeConfig, outcome_metrics, quantize_mlp,
 };
 use lathe_proto::spec::{self, AutoOr, QuantizeParams};
 use lathe_proto::{Stage, StageTask};
@@ -32,15 +35,20 @@ fn quantize_config(p: &QuantizeParams, task: &StageTask) -> Result<QuantizeConfi
                 )));
             }
         },
-        granularity: match p.granularity {
+        granularity: p.granularity.map(|g| match g {
             spec::Granularity::PerTensor => Granularity::PerTensor,
             spec::Granularity::PerChannel => Granularity::PerChannel,
             spec::Granularity::Grouped => Granularity::Grouped(p.group_size as usize),
-        },
+        }),
+        group_size: p.group_size as usize,
         symmetric: p.symmetric,
         calibration: match p.calibration {
             spec::Calibration::MinMax => Calibration::MinMax,
             spec::Calibration::Percentile => Calibration::Percentile(p.percentile),
+        },
+        activations: match p.activations {
+            spec::Activations::Static => Activations::Static,
+            spec::Activations::Dynamic => Activations::Dynamic,
         },
         calibration_rows: p.calibration_rows as usize,
         max_accuracy_drop: task.spec.budget.max_accuracy_drop,
@@ -82,6 +90,9 @@ impl StageHandler for Quantizer {
         let metrics = outcome_metrics(&outcome);
         let details = serde_json::json!({
             "test": outcome.test,
+            "bits": outcome.bits,
+            "granularity": outcome.granularity,
+            "auto_search": outcome.search,
             "activation_ranges": outcome.activation_ranges,
         });
         let (accuracy, bits) = (outcome.test.accuracy, outcome.bits);

@@ -1,12 +1,13 @@
 //! The quantizer through real NATS: train → quantize and train → prune → quantize store
-//! integer artifacts whose recomputed accuracy matches the record; 3 bits are refused at
-//! intake.
+//! integer artifacts whose recomputed accuracy matches the record; `"auto"` records the bits
+//! and granularity it chose, and the served layers quantize their inputs over the stored
+//! calibrated ranges; 3 bits are refused at intake.
 
 use std::time::Duration;
 
 use lathe_model::artifact::{Artifact, TensorData};
 use lathe_model::data;
-use lathe_model::engine::Engine;
+use lathe_model::engine::{Engine, runs_on_int8_kernels};
 use lathe_model::eval::evaluate;
 use lathe_proto::{JobState, Stage};
 use lathe_runtime::service;
@@ -79,6 +80,61 @@ async fn a_pruned_and_quantized_artifact_has_the_accuracy_its_record_claims() {
     );
     trainer.stop().await;
     pruner.stop().await;
+    quantizer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_quantize_job_records_its_choice_and_stores_the_calibrated_ranges() {
+    let s = stack().await;
+    let url = s.server.url();
+    let trainer = start_trainer(&url, "t1").await;
+    let quantizer = start(&url, "q1", "lathe-quantizer", lathe_quantizer::Quantizer).await;
+    let spec = br#"{"name": "auto-int", "dataset": {"source": "builtin:digits"},
+        "model": {"hidden": [64]}, "train": {"epochs": 20, "seed": 3},
+        "pipeline": ["train", "quantize"], "quantize": {"bits": "auto"},
+        "budget": {"max_accuracy_drop": 0.01}}"#;
+    let job = submit(&s.res, spec).await;
+    let r = wait_job(&s.res, job, Duration::from_secs(120)).await;
+    assert_eq!(r.state, JobState::Completed, "{:?}", r.error);
+    let quantize = &r.steps[1];
+    let details = quantize.details.as_ref().expect("quantize details");
+    let bits = quantize.metrics["bits"];
+    assert_eq!(details["bits"].as_f64(), Some(bits));
+    // The search is recorded in the order tried; the last setting tried is the one kept.
+    let search = details["auto_search"].as_array().expect("auto_search");
+    let last = search.last().expect("auto tried a setting");
+    assert_eq!(last["inside_budget"], true, "{search:?}");
+    assert_eq!(last["bits"].as_f64(), Some(bits));
+    assert_eq!(last["granularity"], details["granularity"]);
+    assert_eq!(search[0]["bits"], 4);
+    assert_eq!(search[0]["granularity"], "per_tensor");
+
+    let reference = quantize.artifact.as_ref().expect("an artifact");
+    let artifact = Artifact::from_bytes(&s.res.artifacts.get(reference).await.unwrap()).unwrap();
+    let mut on_int8_kernels = 0;
+    for layer in &artifact.layers {
+        let TensorData::QuantizedInt { bits: stored, .. } = layer.weight else {
+            panic!("not quantized: {}", layer.weight.kind());
+        };
+        assert_eq!(f64::from(stored), bits);
+        // Static activations (the default): each layer the engine runs on integers carries
+        // its calibrated input range, and only those.
+        let int8 = runs_on_int8_kernels(&layer.weight);
+        assert_eq!(layer.input_range.is_some(), int8);
+        on_int8_kernels += usize::from(int8);
+    }
+    if details["granularity"] != serde_json::json!({"grouped": 32}) {
+        assert_eq!(on_int8_kernels, artifact.layers.len());
+    }
+    let engine = Engine::from_artifact(&artifact).unwrap();
+    let (_, test) = data::builtin("digits").unwrap();
+    let recomputed = evaluate(&engine, &test).accuracy;
+    assert!(
+        (recomputed - quantize.metrics["test_accuracy"]).abs() < 1e-9,
+        "recomputed {recomputed} vs recorded {}",
+        quantize.metrics["test_accuracy"]
+    );
+    trainer.stop().await;
     quantizer.stop().await;
 }
 

@@ -19,7 +19,9 @@ use lathe_model::mlp::MlpConfig;
 use lathe_model::prune::{
     PruneConfig, PruneOutcome, Saliency, Scope, Structure, Target, prune_mlp,
 };
-use lathe_model::quantize::{Bits, Calibration, Granularity, QuantizeConfig, quantize_mlp};
+use lathe_model::quantize::{
+    Activations, Bits, Calibration, Granularity, QuantizeConfig, quantize_mlp,
+};
 use lathe_model::train::{TrainConfig, train_mlp};
 use serde_json::{Value, json};
 
@@ -425,9 +427,11 @@ fn main() -> Result<(), Box<dyn Error>> {
     let pruned95 = kept95.ok_or("the 95 % gradual Taylor model was not pruned")?;
     let qcfg = |bits, granularity, symmetric| QuantizeConfig {
         bits,
-        granularity,
+        granularity: Some(granularity),
+        group_size: 32,
         symmetric,
         calibration: Calibration::Percentile(99.99),
+        activations: Activations::Static,
         calibration_rows: 512,
         max_accuracy_drop: 0.005,
     };
@@ -441,8 +445,9 @@ fn main() -> Result<(), Box<dyn Error>> {
         ))
     );
     println!(
-        "int8 engine: weights stay int8; each row's activations are rounded to u8 over the \
-         row's range (lossy: the accuracies below are the int8 engine's own); kernel {}",
+        "int8 engine: weights stay int8; each layer's input is rounded to u8 over its range \
+         calibrated on 512 training rows (static; \"dynamic\": each row's own range); lossy: \
+         the accuracies below are the int8 engine's own; kernel {}",
         int8_kernel()
     );
     println!(
@@ -451,12 +456,21 @@ fn main() -> Result<(), Box<dyn Error>> {
     );
     let mut quant_rows = Vec::new();
     let mut int8_model = None;
+    let mut dynamic_model = None;
     let mut breakdowns = Vec::new();
     for (label, input, cfg) in [
         (
             "int8 per-channel symmetric",
             &dense,
             qcfg(Bits::Eight, Granularity::PerChannel, true),
+        ),
+        (
+            "int8 per-channel symmetric, dynamic",
+            &dense,
+            QuantizeConfig {
+                activations: Activations::Dynamic,
+                ..qcfg(Bits::Eight, Granularity::PerChannel, true)
+            },
         ),
         (
             "int8 per-channel asymmetric",
@@ -479,9 +493,17 @@ fn main() -> Result<(), Box<dyn Error>> {
             qcfg(Bits::Four, Granularity::Grouped(32), true),
         ),
         (
-            "int auto per-channel",
+            "int auto per-channel (bits searched)",
             &dense,
             qcfg(Bits::Auto, Granularity::PerChannel, true),
+        ),
+        (
+            "int auto (bits and granularity searched)",
+            &dense,
+            QuantizeConfig {
+                granularity: None,
+                ..qcfg(Bits::Auto, Granularity::PerChannel, true)
+            },
         ),
         (
             "pruned 90 % + int8 per-channel",
@@ -514,20 +536,34 @@ fn main() -> Result<(), Box<dyn Error>> {
             bytes as f64 / dense_bytes as f64 * 100.0,
             dense_bytes as f64 / bytes as f64
         );
+        for c in &o.search {
+            println!(
+                "    tried {}-bit {:<22} validation {:>6.2} % {}",
+                c.bits,
+                format!("{:?}", c.granularity),
+                c.validation_accuracy * 100.0,
+                if c.inside_budget {
+                    "inside the budget: chosen"
+                } else {
+                    "outside the budget"
+                }
+            );
+        }
         quant_rows.push(
-            json!({"run": label, "bits": o.bits, "test_accuracy": o.test.accuracy,
+            json!({"run": label, "bits": o.bits, "granularity": o.granularity,
+            "auto_search": o.search, "test_accuracy": o.test.accuracy,
             "drop_points": (base - o.test.accuracy) * 100.0, "bytes": bytes,
             "bytes_share_of_dense": bytes as f64 / dense_bytes as f64,
             "times_smaller_than_dense": dense_bytes as f64 / bytes as f64,
             "max_weight_error": o.max_weight_error}),
         );
-        if label.starts_with("int8 per-channel symmetric")
-            || label.starts_with("pruned 95 % + int8")
-        {
+        if label == "int8 per-channel symmetric" || label.starts_with("pruned 95 % + int8") {
             breakdowns.push((label, o.artifact.byte_breakdown()));
         }
-        if int8_model.is_none() {
+        if label == "int8 per-channel symmetric" {
             int8_model = Some(o.artifact);
+        } else if label == "int8 per-channel symmetric, dynamic" {
+            dynamic_model = Some(o.artifact);
         }
     }
     for (label, parts) in &breakdowns {
@@ -619,72 +655,86 @@ fn main() -> Result<(), Box<dyn Error>> {
         })
         .collect();
     let mut quant_latency = json!(null);
-    if let Some(q) = &int8_model {
+    if let (Some(q), Some(d)) = (&int8_model, &dynamic_model) {
         let float_engine = Engine::from_artifact(&dense)?;
         let int8_engine = Engine::from_artifact(q)?;
+        let dynamic_engine = Engine::from_artifact(d)?;
         let (f1, fb) = time(&float_engine, &splits, &batch, &args)?;
         let (q1, qb) = time(&int8_engine, &splits, &batch, &args)?;
+        let (d1, db) = time(&dynamic_engine, &splits, &batch, &args)?;
         println!("\nengine, one thread: float vs int8 per-channel (same run)");
         println!(
             "{:<40} {:>12} {:>14} {:>14}",
             "", "row p50 µs", "batch 1000 ms", "weight bytes"
         );
-        println!(
-            "{:<40} {:>12.2} {:>14.3} {:>14}",
-            "float",
-            f1,
-            fb,
-            float_engine.resident_weight_bytes()
-        );
-        println!(
-            "{:<40} {:>12.2} {:>14.3} {:>14}",
-            "int8",
-            q1,
-            qb,
-            int8_engine.resident_weight_bytes()
-        );
-        let (fr, qr) = (
+        let (fr, qr, dr) = (
             float_engine.resident_weight_bytes(),
             int8_engine.resident_weight_bytes(),
+            dynamic_engine.resident_weight_bytes(),
         );
+        for (label, row, batch_ms, bytes) in [
+            ("float", f1, fb, fr),
+            ("int8, static activations", q1, qb, qr),
+            ("int8, dynamic activations", d1, db, dr),
+        ] {
+            println!("{label:<40} {row:>12.2} {batch_ms:>14.3} {bytes:>14}");
+        }
         println!(
             "{:<40} {:>12.3} {:>14.3} {:>14.3}",
-            "ratio int8/float (< 1: faster, smaller)",
+            "ratio int8 static/float (< 1: better)",
             q1 / f1,
             qb / fb,
             qr as f64 / fr as f64
         );
-        let n_test = splits.test.rows();
-        let int8_classes = int8_engine.classes_batch(&splits.test.features, n_test)?;
-        let float_classes = float_engine.classes_batch(&splits.test.features, n_test)?;
-        let dequantized_classes = Engine::with_kernels(q, KernelChoice::DenseOnly)?
-            .classes_batch(&splits.test.features, n_test)?;
-        let agree = |other: &[usize]| {
-            int8_classes
-                .iter()
-                .zip(other)
-                .filter(|(a, b)| a == b)
-                .count()
-        };
-        let (agree_float, agree_dequantized) = (agree(&float_classes), agree(&dequantized_classes));
         println!(
-            "int8 engine's classes on the {n_test} test rows: same as the float model's on {agree_float}, \
-             as the dequantized model's (f32 activations) on {agree_dequantized}"
+            "{:<40} {:>12.3} {:>14.3} {:>14.3}",
+            "ratio int8 dynamic/float",
+            d1 / f1,
+            db / fb,
+            dr as f64 / fr as f64
         );
+        let n_test = splits.test.rows();
+        let classes = |e: &Engine| e.classes_batch(&splits.test.features, n_test);
+        let float_classes = classes(&float_engine)?;
+        let agree = |a: &[usize], b: &[usize]| a.iter().zip(b).filter(|(x, y)| x == y).count();
+        let mut agreement = Vec::new();
+        for (label, model, engine) in [("static", q, &int8_engine), ("dynamic", d, &dynamic_engine)]
+        {
+            let int8_classes = classes(engine)?;
+            let dequantized_classes =
+                classes(&Engine::with_kernels(model, KernelChoice::DenseOnly)?)?;
+            let (agree_float, agree_dequantized) = (
+                agree(&int8_classes, &float_classes),
+                agree(&int8_classes, &dequantized_classes),
+            );
+            println!(
+                "int8 engine ({label} activations), classes on the {n_test} test rows: same as \
+                 the float model's on {agree_float}, as the dequantized model's (f32 \
+                 activations) on {agree_dequantized}"
+            );
+            agreement.push(
+                json!({"activations": label, "same_class_as_float": agree_float,
+                "same_class_as_dequantized": agree_dequantized}),
+            );
+        }
         println!(
             "(Deep Compression reports 40× for prune + quantize + Huffman on LeNet-300-100; \
              the \"× dense\" column above is lathe's figure on this MLP, whole artifact)"
         );
         quant_latency = json!({"float": {"row_p50_us": f1, "batch_1000_ms": fb, "resident_bytes": fr},
             "int8": {"row_p50_us": q1, "batch_1000_ms": qb, "resident_bytes": qr},
+            "int8_dynamic": {"row_p50_us": d1, "batch_1000_ms": db, "resident_bytes": dr},
             "time_ratio_int8_over_float_row": q1 / f1,
             "time_ratio_int8_over_float_batch_1000": qb / fb,
             "resident_ratio_int8_over_float": qr as f64 / fr as f64,
+            "time_ratio_int8_dynamic_over_float_row": d1 / f1,
+            "time_ratio_int8_dynamic_over_float_batch_1000": db / fb,
             "int8_kernel": int8_kernel(),
             "test_rows": n_test,
-            "int8_same_class_as_float": agree_float,
-            "int8_same_class_as_dequantized": agree_dequantized,
-            "int8_activations": "u8 per row, dynamic range"});
+            "int8_same_class_as_float": agreement[0]["same_class_as_float"],
+            "int8_same_class_as_dequantized": agreement[0]["same_class_as_dequantized"],
+            "agreement": agreement,
+            "int8_activations": "u8 over calibrated ranges (static)"});
     }
     let report = json!({
         "quantize": quant_rows,
