@@ -1,7 +1,7 @@
 //! Job events on `lathe.events.<job>.<kind>`, stored in the `LATHE_EVENTS` stream so a
 //! watcher that starts late still sees the whole history.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
@@ -92,7 +92,8 @@ impl Events {
     /// that window must not lose its `stage_started`/`stage_completed` (an e2e run that killed
     /// a cluster node lost every event of the job that ran next when they were tried once).
     /// Progress events are tried once: the next one supersedes a lost one, and a long outage
-    /// must not hold the queue for each of them.
+    /// must not hold the queue for each of them (one still queued when a later one of its
+    /// step arrives is dropped).
     pub async fn emit(&self, event: EventBuilder) {
         let event = event.build();
         let (done, stored) = if event.kind.is_terminal() {
@@ -120,19 +121,56 @@ impl Events {
 }
 
 async fn publish_in_order(js: jetstream::Context, mut rx: mpsc::UnboundedReceiver<Queued>) {
-    while let Some(queued) = rx.recv().await {
-        match queued {
-            Queued::Flush(done) => {
+    let mut pending = VecDeque::new();
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some(queued) => pending.push_back(queued),
+                None => return,
+            }
+        }
+        // Everything emitted meanwhile, so a progress event can see whether a later one of
+        // its step is already waiting.
+        while let Ok(queued) = rx.try_recv() {
+            pending.push_back(queued);
+        }
+        match next_to_store(&mut pending) {
+            Some(Queued::Flush(done)) => {
                 let _ = done.send(());
             }
-            Queued::Event { event, span, done } => {
+            Some(Queued::Event { event, span, done }) => {
                 store(&js, &event).instrument(span).await;
                 if let Some(done) = done {
                     let _ = done.send(());
                 }
             }
+            None => {}
         }
     }
+}
+
+/// The next queued item to handle, dropping the progress events at the front that a later
+/// progress event of the same step (still queued) supersedes: while the server is away each
+/// publish waits for its ack to time out, and a step's progress must not hold its own and
+/// other jobs' events back once per epoch. Everything else keeps its order.
+fn next_to_store(pending: &mut VecDeque<Queued>) -> Option<Queued> {
+    while let Some(queued) = pending.pop_front() {
+        let superseded = match &queued {
+            Queued::Event { event, .. } if event.kind == EventKind::Progress => {
+                pending.iter().any(|later| {
+                    matches!(later, Queued::Event { event: e, .. }
+                        if e.kind == EventKind::Progress
+                            && e.job_id == event.job_id
+                            && e.step == event.step)
+                })
+            }
+            _ => false,
+        };
+        if !superseded {
+            return Some(queued);
+        }
+    }
+    None
 }
 
 async fn store(js: &jetstream::Context, event: &JobEvent) {
@@ -161,5 +199,68 @@ async fn store(js: &jetstream::Context, event: &JobEvent) {
     .await;
     if let Err(e) = stored {
         tracing::warn!(job = %event.job_id, kind = event.kind.as_str(), error = %e, "Event not stored");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(job: JobId, kind: EventKind, step: u32, epoch: u32) -> Queued {
+        let mut b = EventBuilder::new(job, kind, format!("epoch {epoch}")).step(step, Stage::Train);
+        if kind == EventKind::Progress {
+            b = b.progress(Progress {
+                epoch,
+                epochs: 10,
+                metrics: BTreeMap::new(),
+            });
+        }
+        Queued::Event {
+            event: b.build(),
+            span: tracing::Span::none(),
+            done: None,
+        }
+    }
+
+    #[test]
+    fn a_progress_event_with_a_later_one_of_its_step_queued_is_dropped_and_nothing_else() {
+        let (a, b) = (JobId::new(), JobId::new());
+        let (flushed, _rx) = oneshot::channel();
+        let mut pending = VecDeque::from([
+            queued(a, EventKind::StageStarted, 0, 0),
+            queued(a, EventKind::Progress, 0, 1),
+            queued(b, EventKind::Progress, 0, 1),
+            queued(a, EventKind::Progress, 0, 2),
+            queued(a, EventKind::Progress, 1, 1),
+            Queued::Flush(flushed),
+            queued(a, EventKind::Progress, 0, 3),
+            queued(a, EventKind::StageCompleted, 0, 0),
+        ]);
+        let mut handled = Vec::new();
+        while let Some(q) = next_to_store(&mut pending) {
+            handled.push(match q {
+                Queued::Flush(_) => "flush".to_string(),
+                Queued::Event { event, .. } => format!(
+                    "{} {} step {} {}",
+                    if event.job_id == a { "a" } else { "b" },
+                    event.kind.as_str(),
+                    event.step.unwrap_or(0),
+                    event.message
+                ),
+            });
+        }
+        // Job a's step 0 progress for epochs 1 and 2 gives way to epoch 3; another job's
+        // and another step's progress, the flush and the other kinds stay, in order.
+        assert_eq!(
+            handled,
+            [
+                "a stage_started step 0 epoch 0",
+                "b progress step 0 epoch 1",
+                "a progress step 1 epoch 1",
+                "flush",
+                "a progress step 0 epoch 3",
+                "a stage_completed step 0 epoch 0",
+            ]
+        );
     }
 }
