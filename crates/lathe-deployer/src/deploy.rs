@@ -230,7 +230,8 @@ impl StageHandler for Deployer {
         metrics.insert("p50_latency_ms".into(), measured.p50_latency_ms);
         metrics.insert("p99_latency_ms".into(), measured.p99_latency_ms);
         metrics.insert("artifact_bytes".into(), artifact_ref.bytes as f64);
-        metrics.insert("parameters".into(), artifact.param_count() as f64);
+        // Non-zeros, as the prune and quantize steps count them.
+        metrics.insert("parameters".into(), artifact.nonzero_param_count() as f64);
         let lineage = artifact
             .lineage
             .iter()

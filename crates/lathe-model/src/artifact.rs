@@ -1311,6 +1311,16 @@ impl Artifact {
             .sum()
     }
 
+    /// The number of non-zero weights and biases: what a pruned model keeps. The stages
+    /// after pruning (prune, quantize, deploy) record this as their `parameters`, so a pruned
+    /// model's count does not grow back to its dense shape at a later step.
+    pub fn nonzero_param_count(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| l.weight.nonzero_count() + l.bias.nonzero_count())
+            .sum()
+    }
+
     /// Checks that every part fits the architecture: the layer shapes chain from the input
     /// to the classes, the preprocessing, names, labels and reference rows have matching
     /// lengths, and all numbers are finite.

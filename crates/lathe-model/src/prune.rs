@@ -445,11 +445,7 @@ fn finish(
         .collect();
     let total: usize = original_sizes.iter().sum();
     let sparsity = 1.0 - layer_nonzero.iter().sum::<usize>() as f64 / total.max(1) as f64;
-    let nonzero_parameters = artifact
-        .layers
-        .iter()
-        .map(|l| l.weight.nonzero_count() + l.bias.nonzero_count())
-        .sum();
+    let nonzero_parameters = artifact.nonzero_param_count();
     Ok(PruneOutcome {
         artifact,
         baseline_test,

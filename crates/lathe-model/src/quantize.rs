@@ -479,11 +479,7 @@ pub fn outcome_metrics(o: &QuantizeOutcome) -> BTreeMap<String, f64> {
         ),
         (
             "parameters".to_string(),
-            o.artifact
-                .layers
-                .iter()
-                .map(|l| l.weight.nonzero_count() + l.bias.nonzero_count())
-                .sum::<usize>() as f64,
+            o.artifact.nonzero_param_count() as f64,
         ),
     ]);
     for (i, r) in o.activation_ranges.iter().enumerate() {

@@ -318,6 +318,12 @@ async fn six_services_one_trace_with_the_first_inferences() {
     let job = submit(&s.res, spec).await;
     let record = wait_job(&s.res, job, Duration::from_secs(180)).await;
     assert_eq!(record.state, JobState::Completed, "{:?}", record.error);
+    // Every step counts the parameters the same way, as stored non-zeros: the deployed
+    // (pruned, then quantized) model has the quantized one's, fewer than the dense student's.
+    let parameters = |i: usize| record.steps[i].metrics["parameters"];
+    assert_eq!(parameters(1), (64 * 16 + 16 + 16 * 10 + 10) as f64);
+    assert_eq!(parameters(4), parameters(3));
+    assert!(parameters(3) < parameters(1) * 0.6, "{}", parameters(3));
 
     // A caller's request with its own trace context: the deployer's span continues it.
     let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
