@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::{Artifact, LayerTensors, TensorData, pack_quantized};
-use crate::data::Splits;
+use crate::data::{Dataset, Splits};
 use crate::engine::Engine;
 use crate::eval::{Evaluation, evaluate};
 
@@ -245,38 +245,46 @@ pub fn quantize_tensor(
 }
 
 /// Per layer, the range of its inputs on the first `rows` training rows, as the int8 engine
-/// quantizes them (see [`crate::artifact::LayerTensors::input_range`]: the raw features
-/// divided by the standardiser's scale, then the hidden activations): min/max, or the given
-/// percentile and its mirror.
+/// quantizes them (see [`layer_inputs`]): min/max, or the given percentile and its mirror.
 pub fn calibrate(
     artifact: &Artifact,
     splits: &Splits,
     calibration: Calibration,
     rows: usize,
 ) -> Vec<ActivationRange> {
-    let train = &splits.train;
-    let n = rows.min(train.rows());
+    layer_inputs(artifact, &splits.train, rows)
+        .iter()
+        .map(|x| range_of(x, calibration))
+        .collect()
+}
+
+/// Per layer, its inputs for the first `rows` rows of `data` (row-major), computed in `f32`
+/// with the artifact's (dequantized) weights, as the int8 engine quantizes them (see
+/// [`crate::artifact::LayerTensors::input_range`]): for the first layer the raw features
+/// divided by the standardiser's scale (the engine folds the mean into the bias), then each
+/// hidden layer's ReLU outputs.
+pub fn layer_inputs(artifact: &Artifact, data: &Dataset, rows: usize) -> Vec<Vec<f32>> {
+    let n = rows.min(data.rows());
     let pre = &artifact.preprocessing;
-    let mut x = pre.transform(train);
-    x.truncate(n * train.n_features);
-    let mut width = train.n_features;
-    let mut ranges = Vec::with_capacity(artifact.layers.len());
+    let mut x = pre.transform(data);
+    x.truncate(n * data.n_features);
+    let mut width = data.n_features;
+    let mut inputs = Vec::with_capacity(artifact.layers.len());
     let last = artifact.layers.len().saturating_sub(1);
     for (index, layer) in artifact.layers.iter().enumerate() {
         if index == 0 {
-            // The engine folds the standardiser's mean into the first bias and quantizes
-            // x / scale (= standardised x + mean / scale).
-            let unshifted: Vec<f32> = x
-                .chunks_exact(width)
-                .flat_map(|row| {
-                    row.iter()
-                        .zip(pre.mean.iter().zip(&pre.scale))
-                        .map(|(z, (m, s))| z + m / s)
-                })
-                .collect();
-            ranges.push(range_of(&unshifted, calibration));
+            // Standardised x + mean / scale = x / scale.
+            inputs.push(
+                x.chunks_exact(width.max(1))
+                    .flat_map(|row| {
+                        row.iter()
+                            .zip(pre.mean.iter().zip(&pre.scale))
+                            .map(|(z, (m, s))| z + m / s)
+                    })
+                    .collect(),
+            );
         } else {
-            ranges.push(range_of(&x, calibration));
+            inputs.push(x.clone());
         }
         let w = layer.weight.to_dense_values();
         let b = layer.bias.to_dense_values();
@@ -297,7 +305,35 @@ pub fn calibrate(
         x = y;
         width = n_out;
     }
-    ranges
+    inputs
+}
+
+/// Per layer with a stored input range, how many rows of `data` have an input more than
+/// half a step off that range's grid, which the engine quantizes over their own range
+/// instead (`None` for a layer without one). Computed from the `f32` forward pass of
+/// [`layer_inputs`], so a row at the very edge may count differently than in the engine.
+pub fn rows_off_range(artifact: &Artifact, data: &Dataset) -> Vec<Option<usize>> {
+    let inputs = layer_inputs(artifact, data, data.rows());
+    artifact
+        .layers
+        .iter()
+        .zip(&inputs)
+        .map(|(layer, x)| {
+            let range = layer.input_range?;
+            let grid = crate::kernels::ActivationGrid::spanning(range.min, range.max);
+            let width = x.len() / data.rows().max(1);
+            Some(
+                x.chunks_exact(width.max(1))
+                    .filter(|row| {
+                        row.iter().any(|v| {
+                            let u = v / grid.scale + grid.zero as f32;
+                            !(-0.5..255.5).contains(&u)
+                        })
+                    })
+                    .count(),
+            )
+        })
+        .collect()
 }
 
 fn range_of(values: &[f32], calibration: Calibration) -> ActivationRange {
@@ -669,6 +705,41 @@ mod tests {
                 q.baseline_test
             );
         }
+    }
+
+    #[test]
+    fn rows_beyond_a_min_max_calibration_are_counted_off_its_range_and_no_others() {
+        use crate::data::{builtin, split};
+        use crate::mlp::MlpConfig;
+        use crate::train::{TrainConfig, train_mlp};
+        let (train, test) = builtin("digits").unwrap();
+        let splits = split(train, Some(test), 0.1, 0.0, 0).unwrap();
+        let cfg = TrainConfig {
+            epochs: 3,
+            ..TrainConfig::default()
+        };
+        let mut model = train_mlp(
+            &splits,
+            &MlpConfig::new(64, vec![32], 10),
+            &cfg,
+            &mut |_| {},
+        )
+        .unwrap()
+        .artifact;
+        let ranges = calibrate(&model, &splits, Calibration::MinMax, 100);
+        assert_eq!(rows_off_range(&model, &splits.train), vec![None, None]);
+        for (layer, range) in model.layers.iter_mut().zip(ranges) {
+            layer.input_range = Some(range);
+        }
+        // The calibration rows themselves are inside; a row with one pixel at 10 times its
+        // largest value is off the first layer's range.
+        let first: Vec<usize> = (0..100).collect();
+        let mut sample = splits.train.subset(&first);
+        assert_eq!(rows_off_range(&model, &sample), vec![Some(0), Some(0)]);
+        let brightest = sample.features.iter().fold(0f32, |m, v| m.max(*v));
+        sample.features[5 * 64 + 20] = 10.0 * brightest;
+        let off = rows_off_range(&model, &sample);
+        assert_eq!(off[0], Some(1), "{off:?}");
     }
 
     #[test]

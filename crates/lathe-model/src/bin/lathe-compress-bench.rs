@@ -20,7 +20,7 @@ use lathe_model::prune::{
     PruneConfig, PruneOutcome, Saliency, Scope, Structure, Target, prune_mlp,
 };
 use lathe_model::quantize::{
-    Activations, Bits, Calibration, Granularity, QuantizeConfig, quantize_mlp,
+    Activations, Bits, Calibration, Granularity, QuantizeConfig, quantize_mlp, rows_off_range,
 };
 use lathe_model::train::{TrainConfig, train_mlp};
 use serde_json::{Value, json};
@@ -717,6 +717,15 @@ fn main() -> Result<(), Box<dyn Error>> {
                 "same_class_as_dequantized": agree_dequantized}),
             );
         }
+        // How often the static engine quantizes a row over its own range instead.
+        let off = rows_off_range(q, &splits.test);
+        println!(
+            "test rows off the calibrated range, quantized over their own (per layer): {}",
+            off.iter()
+                .map(|n| n.map_or("—".to_string(), |n| n.to_string()))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        );
         println!(
             "(Deep Compression reports 40× for prune + quantize + Huffman on LeNet-300-100; \
              the \"× dense\" column above is lathe's figure on this MLP, whole artifact)"
@@ -734,6 +743,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             "int8_same_class_as_float": agreement[0]["same_class_as_float"],
             "int8_same_class_as_dequantized": agreement[0]["same_class_as_dequantized"],
             "agreement": agreement,
+            "test_rows_off_calibrated_range_per_layer": off,
             "int8_activations": "u8 over calibrated ranges (static)"});
     }
     let report = json!({
