@@ -72,6 +72,30 @@ fn fmt_metric(name: &str, v: f64) -> String {
     }
 }
 
+/// What a quantize step chose, from its details: e.g. "4-bit, one scale per tensor (auto
+/// tried 1 setting)".
+fn quantize_choice(details: &serde_json::Value) -> Option<String> {
+    let bits = details.get("bits")?.as_u64()?;
+    let granularity = match details.get("granularity")? {
+        serde_json::Value::String(g) if g == "per_tensor" => "one scale per tensor".to_string(),
+        serde_json::Value::String(g) if g == "per_channel" => "one scale per channel".to_string(),
+        other => match other.get("grouped").and_then(serde_json::Value::as_u64) {
+            Some(n) => format!("one scale per {n} weights"),
+            None => other.to_string(),
+        },
+    };
+    let tried = details
+        .get("auto_search")
+        .and_then(serde_json::Value::as_array)
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            let s = if a.len() == 1 { "" } else { "s" };
+            format!(" (auto tried {} setting{s})", a.len())
+        })
+        .unwrap_or_default();
+    Some(format!("{bits}-bit, {granularity}{tried}"))
+}
+
 fn print_record(r: &JobRecord) {
     println!("job {}  {}  {:?}", r.job_id, r.name, r.state);
     if let Some(end) = r.finished_at_ms {
@@ -95,6 +119,9 @@ fn print_record(r: &JobRecord) {
         if !s.metrics.is_empty() {
             let m: Vec<String> = s.metrics.iter().map(|(k, v)| fmt_metric(k, *v)).collect();
             println!("      {}", m.join(", "));
+        }
+        if let Some(choice) = s.details.as_ref().and_then(quantize_choice) {
+            println!("      quantized {choice}");
         }
         if let Some(a) = &s.artifact {
             println!("      artifact {} ({} bytes)", a.name, a.bytes);
@@ -468,4 +495,28 @@ async fn demo_inference(s: &Session, model: &lathe_proto::ModelName) -> anyhow::
         took.as_secs_f64() * 1e3
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantize_choice;
+    use serde_json::json;
+
+    #[test]
+    fn a_quantize_steps_choice_reads_as_bits_granularity_and_search() {
+        let auto = json!({"bits": 4, "granularity": "per_tensor", "auto_search": [
+            {"bits": 4, "granularity": "per_tensor", "validation_accuracy": 0.98,
+             "inside_budget": true}]});
+        assert_eq!(
+            quantize_choice(&auto).as_deref(),
+            Some("4-bit, one scale per tensor (auto tried 1 setting)")
+        );
+        let fixed = json!({"bits": 8, "granularity": {"grouped": 32}, "auto_search": []});
+        assert_eq!(
+            quantize_choice(&fixed).as_deref(),
+            Some("8-bit, one scale per 32 weights")
+        );
+        // Another stage's details say nothing of it.
+        assert_eq!(quantize_choice(&json!({"test": {"accuracy": 0.9}})), None);
+    }
 }
