@@ -612,32 +612,32 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_int8_engine_matches_the_dequantized_model_and_holds_a_quarter_of_the_bytes() {
+    /// A digits MLP with these hidden widths trained for `epochs`, and its splits.
+    fn trained_digits(hidden: Vec<usize>, epochs: usize) -> (Artifact, Splits) {
         use crate::data::{builtin, split};
-        use crate::engine::KernelChoice;
         use crate::mlp::MlpConfig;
         use crate::train::{TrainConfig, train_mlp};
         let (train, test) = builtin("digits").unwrap();
         let splits = split(train, Some(test), 0.1, 0.0, 0).unwrap();
         let cfg = TrainConfig {
-            epochs: 8,
+            epochs,
             ..TrainConfig::default()
         };
-        let trained = train_mlp(
-            &splits,
-            &MlpConfig::new(64, vec![256, 128], 10),
-            &cfg,
-            &mut |_| {},
-        )
-        .unwrap();
+        let trained = train_mlp(&splits, &MlpConfig::new(64, hidden, 10), &cfg, &mut |_| {});
+        (trained.unwrap().artifact, splits)
+    }
+
+    #[test]
+    fn the_int8_engine_matches_the_dequantized_model_and_holds_a_quarter_of_the_bytes() {
+        use crate::engine::KernelChoice;
+        let (artifact, splits) = trained_digits(vec![256, 128], 8);
         for (symmetric, activations) in [
             (true, Activations::Static),
             (false, Activations::Static),
             (true, Activations::Dynamic),
         ] {
             let q = quantize_mlp(
-                &trained.artifact,
+                &artifact,
                 &splits,
                 &QuantizeConfig {
                     bits: Bits::Eight,
@@ -660,7 +660,7 @@ mod tests {
             assert_eq!(back, q.artifact);
             let int8 = Engine::from_artifact(&back).unwrap();
             let float = Engine::with_kernels(&back, KernelChoice::DenseOnly).unwrap();
-            let original = Engine::from_artifact(&trained.artifact).unwrap();
+            let original = Engine::from_artifact(&artifact).unwrap();
             // A quarter, plus per-output scales, zero points and integer sums, and the
             // padding of the 10 outputs to a vector of 16 (0.284 on this model).
             assert!(
@@ -709,23 +709,7 @@ mod tests {
 
     #[test]
     fn rows_beyond_a_min_max_calibration_are_counted_off_its_range_and_no_others() {
-        use crate::data::{builtin, split};
-        use crate::mlp::MlpConfig;
-        use crate::train::{TrainConfig, train_mlp};
-        let (train, test) = builtin("digits").unwrap();
-        let splits = split(train, Some(test), 0.1, 0.0, 0).unwrap();
-        let cfg = TrainConfig {
-            epochs: 3,
-            ..TrainConfig::default()
-        };
-        let mut model = train_mlp(
-            &splits,
-            &MlpConfig::new(64, vec![32], 10),
-            &cfg,
-            &mut |_| {},
-        )
-        .unwrap()
-        .artifact;
+        let (mut model, splits) = trained_digits(vec![32], 3);
         let ranges = calibrate(&model, &splits, Calibration::MinMax, 100);
         assert_eq!(rows_off_range(&model, &splits.train), vec![None, None]);
         for (layer, range) in model.layers.iter_mut().zip(ranges) {
