@@ -68,8 +68,8 @@ pub enum Bits {
 pub struct QuantizeConfig {
     pub bits: Bits,
     /// `None`: per channel for fixed bits; searched with `auto` bits, coarsest first (per
-    /// tensor, per channel, groups of `group_size`). With `auto` bits and a granularity,
-    /// only the bits are searched.
+    /// tensor, per channel, groups of `group_size`, ordered by how many scales each gives
+    /// the model). With `auto` bits and a granularity, only the bits are searched.
     pub granularity: Option<Granularity>,
     /// Weights per scale of the grouped candidate when the granularity is searched.
     pub group_size: usize,
@@ -357,6 +357,29 @@ fn range_of(values: &[f32], calibration: Calibration) -> ActivationRange {
     }
 }
 
+/// Per tensor, per channel and grouped, ordered by how many scales each gives the layers of
+/// these `(outputs, inputs)` shapes, fewest first (ties keep that order): groups of
+/// `group_size` are finer than channels only when they are shorter than a layer's rows.
+fn coarsest_first(shapes: &[(usize, usize)], group_size: usize) -> [Granularity; 3] {
+    let scales = |g: &Granularity| -> usize {
+        shapes
+            .iter()
+            .map(|&(n_out, n_in)| match g {
+                Granularity::PerTensor => 1,
+                Granularity::PerChannel => n_out,
+                Granularity::Grouped(size) => (n_out * n_in).div_ceil((*size).max(1)),
+            })
+            .sum()
+    };
+    let mut order = [
+        Granularity::PerTensor,
+        Granularity::PerChannel,
+        Granularity::Grouped(group_size),
+    ];
+    order.sort_by_key(scales);
+    order
+}
+
 /// A quantized model and its largest weight error.
 type Quantized = (Artifact, f32);
 
@@ -431,17 +454,21 @@ pub fn quantize_mlp(
         (Bits::Eight, _) => vec![fixed(8)],
         (Bits::Four, _) => vec![fixed(4)],
         (Bits::Auto, Some(g)) => vec![(4, g), (8, g)],
-        (Bits::Auto, None) => [4, 8]
-            .into_iter()
-            .flat_map(|bits| {
-                [
-                    Granularity::PerTensor,
-                    Granularity::PerChannel,
-                    Granularity::Grouped(cfg.group_size),
-                ]
-                .map(|g| (bits, g))
-            })
-            .collect(),
+        (Bits::Auto, None) => {
+            let shapes: Vec<(usize, usize)> = input
+                .layers
+                .iter()
+                .map(|l| match l.weight.shape() {
+                    &[n_out, n_in] => (n_out, n_in),
+                    other => (1, other.iter().product()),
+                })
+                .collect();
+            let order = coarsest_first(&shapes, cfg.group_size);
+            [4, 8]
+                .into_iter()
+                .flat_map(|bits| order.map(|g| (bits, g)))
+                .collect()
+        }
     };
     let mut search = Vec::new();
     let (bits, granularity, (artifact, max_weight_error)) =
@@ -724,6 +751,26 @@ mod tests {
         sample.features[5 * 64 + 20] = 10.0 * brightest;
         let off = rows_off_range(&model, &sample);
         assert_eq!(off[0], Some(1), "{off:?}");
+    }
+
+    #[test]
+    fn auto_orders_the_granularities_by_their_number_of_scales() {
+        use Granularity::*;
+        let digits = [(256, 64), (128, 256), (10, 128)];
+        assert_eq!(
+            coarsest_first(&digits, 32),
+            [PerTensor, PerChannel, Grouped(32)]
+        );
+        // Groups longer than every row give fewer scales than channels.
+        assert_eq!(
+            coarsest_first(&digits, 1024),
+            [PerTensor, Grouped(1024), PerChannel]
+        );
+        // One group per layer counts as many scales as per tensor, which stays first.
+        assert_eq!(
+            coarsest_first(&[(4, 4)], 16),
+            [PerTensor, Grouped(16), PerChannel]
+        );
     }
 
     #[test]
