@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::ids::{JobId, ModelName, Stage};
 use crate::spec::{FieldError, JobSpec};
@@ -373,9 +373,29 @@ pub struct TelemetryRecord {
     /// Set when the request failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// A sample of the raw input rows, for drift checks.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// A sample of the raw input rows, for drift checks. Every value is finite (the engine
+    /// serves no other): a record with a non-finite one is refused when decoded.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "finite_rows"
+    )]
     pub sampled_inputs: Vec<Vec<f32>>,
+}
+
+/// Rows of `f32` values, refusing a non-finite one: a corrupted MessagePack float can decode
+/// to infinity or NaN, which no served request carries and drift statistics cannot use.
+fn finite_rows<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<f32>>, D::Error> {
+    let rows = Vec::<Vec<f32>>::deserialize(d)?;
+    for (i, row) in rows.iter().enumerate() {
+        if let Some(j) = row.iter().position(|v| !v.is_finite()) {
+            return Err(serde::de::Error::custom(format!(
+                "sampled_inputs[{i}][{j}] is {}, not a finite number",
+                row[j]
+            )));
+        }
+    }
+    Ok(rows)
 }
 
 /// Telemetry records a replica sends together on `lathe.telemetry.<model>`.

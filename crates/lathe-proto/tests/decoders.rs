@@ -84,6 +84,26 @@ fn sample_telemetry() -> TelemetryBatch {
     }
 }
 
+#[test]
+fn telemetry_with_a_non_finite_sampled_input_is_refused_naming_it() {
+    // A MessagePack float64 too large for an f32 (a corrupted byte, as proptest found) decodes
+    // to infinity; NaN is written directly.
+    for bad in [f32::INFINITY, f32::NAN] {
+        let mut batch = sample_telemetry();
+        batch.records[1].sampled_inputs[0][3] = bad;
+        let err = codec::from_msgpack::<TelemetryBatch>(&codec::to_msgpack(&batch))
+            .expect_err("a non-finite sampled input was accepted")
+            .to_string();
+        assert!(
+            err.contains("sampled_inputs[0][3]") && err.contains("not a finite number"),
+            "{err}"
+        );
+    }
+    let good = sample_telemetry();
+    let back: TelemetryBatch = codec::from_msgpack(&codec::to_msgpack(&good)).unwrap();
+    assert_eq!(back, good);
+}
+
 fn sample_feedback() -> Feedback {
     Feedback {
         schema_version: 1,
