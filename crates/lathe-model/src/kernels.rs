@@ -576,6 +576,17 @@ impl ActivationGrid {
         let zero = (-lo / scale).round().clamp(0.0, 255.0) as i32;
         ActivationGrid { scale, zero }
     }
+
+    /// Whether a value's position on the grid (`value / scale + zero`) lies within half a
+    /// step of it, so that rounding, not clamping, decides its level.
+    pub(crate) fn within(position: f32) -> bool {
+        (-0.5..255.5).contains(&position)
+    }
+
+    /// Whether `value` is within half a step of the grid, computed as the kernel does.
+    pub(crate) fn holds(&self, value: f32) -> bool {
+        ActivationGrid::within(value * (1.0 / self.scale) + self.zero as f32)
+    }
 }
 
 /// Quantizes one row (times `input_scale` per value when given) to `u8` in `xq` (of
@@ -715,14 +726,17 @@ fn quantize_row_on_grid<const SCALED: bool>(
     let mut qc = head.chunks_exact_mut(QUANT_LANES);
     let mut xc = x.chunks_exact(QUANT_LANES);
     let mut sc = s.chunks_exact(QUANT_LANES);
+    // One value in lane `k`: its sum, its grid position's extremes and its level.
+    let mut step = |k: usize, v: f32| -> u8 {
+        sum[k] += v;
+        let u = v * inv + offset;
+        lo[k] = if u < lo[k] { u } else { lo[k] };
+        hi[k] = if u > hi[k] { u } else { hi[k] };
+        round_to_u8(u.clamp(0.0, 255.0))
+    };
     for ((qs, xs), ss) in (&mut qc).zip(&mut xc).zip(&mut sc) {
         for k in 0..QUANT_LANES {
-            let v = value(xs[k], ss[k]);
-            sum[k] += v;
-            let u = v * inv + offset;
-            lo[k] = if u < lo[k] { u } else { lo[k] };
-            hi[k] = if u > hi[k] { u } else { hi[k] };
-            qs[k] = round_to_u8(u.clamp(0.0, 255.0));
+            qs[k] = step(k, value(xs[k], ss[k]));
         }
     }
     for (k, ((q, &xv), &sv)) in qc
@@ -732,16 +746,11 @@ fn quantize_row_on_grid<const SCALED: bool>(
         .zip(sc.remainder())
         .enumerate()
     {
-        let v = value(xv, sv);
-        sum[k] += v;
-        let u = v * inv + offset;
-        lo[k] = if u < lo[k] { u } else { lo[k] };
-        hi[k] = if u > hi[k] { u } else { hi[k] };
-        *q = round_to_u8(u.clamp(0.0, 255.0));
+        *q = step(k, value(xv, sv));
     }
     let lo = lo.iter().fold(offset, |m, &v| if v < m { v } else { m });
     let hi = hi.iter().fold(offset, |m, &v| if v > m { v } else { m });
-    if !(-0.5..255.5).contains(&lo) || !(-0.5..255.5).contains(&hi) {
+    if !ActivationGrid::within(lo) || !ActivationGrid::within(hi) {
         return quantize_row_lanes::<SCALED>(x, s, xq);
     }
     pad.fill(0);

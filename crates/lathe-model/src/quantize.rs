@@ -21,6 +21,7 @@ use crate::artifact::{Artifact, LayerTensors, TensorData, pack_quantized};
 use crate::data::{Dataset, Splits};
 use crate::engine::Engine;
 use crate::eval::{Evaluation, evaluate};
+use crate::kernels::ActivationGrid;
 
 /// How many weights share a scale, coarsest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +32,17 @@ pub enum Granularity {
     PerChannel,
     /// Blocks of this many consecutive input weights of one output.
     Grouped(usize),
+}
+
+impl Granularity {
+    /// Consecutive row-major elements sharing a scale in an `[n_out, n_in]` weight.
+    pub fn elements_per_scale(self, n_out: usize, n_in: usize) -> usize {
+        match self {
+            Granularity::PerTensor => (n_out * n_in).max(1),
+            Granularity::PerChannel => n_in.max(1),
+            Granularity::Grouped(g) => g.max(1),
+        }
+    }
 }
 
 /// How the int8 engine quantizes a layer's input activations.
@@ -266,44 +278,43 @@ pub fn calibrate(
 pub fn layer_inputs(artifact: &Artifact, data: &Dataset, rows: usize) -> Vec<Vec<f32>> {
     let n = rows.min(data.rows());
     let pre = &artifact.preprocessing;
-    let mut x = pre.transform(data);
-    x.truncate(n * data.n_features);
-    let mut width = data.n_features;
-    let mut inputs = Vec::with_capacity(artifact.layers.len());
-    let last = artifact.layers.len().saturating_sub(1);
-    for (index, layer) in artifact.layers.iter().enumerate() {
-        if index == 0 {
-            // Standardised x + mean / scale = x / scale.
-            inputs.push(
-                x.chunks_exact(width.max(1))
-                    .flat_map(|row| {
-                        row.iter()
-                            .zip(pre.mean.iter().zip(&pre.scale))
-                            .map(|(z, (m, s))| z + m / s)
-                    })
-                    .collect(),
-            );
+    let width = data.n_features.max(1);
+    // The first layer's input as the engine computes it: each feature times 1 / scale.
+    let inverse: Vec<f32> = pre.scale.iter().map(|s| 1.0 / s).collect();
+    let mut inputs: Vec<Vec<f32>> = vec![
+        data.features[..n * data.n_features]
+            .chunks_exact(width)
+            .flat_map(|row| row.iter().zip(&inverse).map(|(v, i)| v * i))
+            .collect(),
+    ];
+    // The forward pass runs on the standardised features; each hidden layer's ReLU output
+    // is the next layer's input (the last layer's output is no one's).
+    let mut standardised = pre.transform(data);
+    standardised.truncate(n * data.n_features);
+    let dims = artifact.mlp_config().layer_dims();
+    let hidden = artifact.layers.len().saturating_sub(1);
+    for (index, (layer, &(n_in, n_out))) in artifact.layers[..hidden].iter().zip(&dims).enumerate()
+    {
+        let x = if index == 0 {
+            &standardised
         } else {
-            inputs.push(x.clone());
-        }
+            &inputs[index]
+        };
         let w = layer.weight.to_dense_values();
         let b = layer.bias.to_dense_values();
-        let n_out = b.len();
-        let mut y = vec![0f32; n * n_out];
-        for r in 0..n {
-            let row = &x[r * width..(r + 1) * width];
-            for o in 0..n_out {
-                let s: f32 = w[o * width..(o + 1) * width]
-                    .iter()
-                    .zip(row)
-                    .map(|(a, b)| a * b)
-                    .sum::<f32>()
-                    + b[o];
-                y[r * n_out + o] = if index < last { s.max(0.0) } else { s };
-            }
-        }
-        x = y;
-        width = n_out;
+        let y: Vec<f32> = x
+            .chunks_exact(n_in.max(1))
+            .flat_map(|row| {
+                w.chunks_exact(n_in.max(1))
+                    .zip(&b)
+                    .map(move |(weights, bias)| {
+                        let s: f32 = weights.iter().zip(row).map(|(a, b)| a * b).sum();
+                        (s + bias).max(0.0)
+                    })
+            })
+            .collect();
+        debug_assert_eq!(y.len(), n * n_out);
+        inputs.push(y);
     }
     inputs
 }
@@ -320,16 +331,11 @@ pub fn rows_off_range(artifact: &Artifact, data: &Dataset) -> Vec<Option<usize>>
         .zip(&inputs)
         .map(|(layer, x)| {
             let range = layer.input_range?;
-            let grid = crate::kernels::ActivationGrid::spanning(range.min, range.max);
+            let grid = ActivationGrid::spanning(range.min, range.max);
             let width = x.len() / data.rows().max(1);
             Some(
                 x.chunks_exact(width.max(1))
-                    .filter(|row| {
-                        row.iter().any(|v| {
-                            let u = v / grid.scale + grid.zero as f32;
-                            !(-0.5..255.5).contains(&u)
-                        })
-                    })
+                    .filter(|row| row.iter().any(|&v| !grid.holds(v)))
                     .count(),
             )
         })
@@ -358,17 +364,12 @@ fn range_of(values: &[f32], calibration: Calibration) -> ActivationRange {
 }
 
 /// Per tensor, per channel and grouped, ordered by how many scales each gives the layers of
-/// these `(outputs, inputs)` shapes, fewest first (ties keep that order): groups of
+/// these `(inputs, outputs)` dimensions, fewest first (ties keep that order): groups of
 /// `group_size` are finer than channels only when they are shorter than a layer's rows.
-fn coarsest_first(shapes: &[(usize, usize)], group_size: usize) -> [Granularity; 3] {
+fn coarsest_first(dims: &[(usize, usize)], group_size: usize) -> [Granularity; 3] {
     let scales = |g: &Granularity| -> usize {
-        shapes
-            .iter()
-            .map(|&(n_out, n_in)| match g {
-                Granularity::PerTensor => 1,
-                Granularity::PerChannel => n_out,
-                Granularity::Grouped(size) => (n_out * n_in).div_ceil((*size).max(1)),
-            })
+        dims.iter()
+            .map(|&(n_in, n_out)| (n_out * n_in).div_ceil(g.elements_per_scale(n_out, n_in)))
             .sum()
     };
     let mut order = [
@@ -397,6 +398,8 @@ pub fn quantize_mlp(
     let baseline_test = evaluate(&baseline, &splits.test).accuracy;
     let baseline_validation = evaluate(&baseline, &splits.validation).accuracy;
     let activation_ranges = calibrate(input, splits, cfg.calibration, cfg.calibration_rows);
+    // validate() checked that each weight is `[outputs, inputs]` of these dimensions.
+    let dims = input.mlp_config().layer_dims();
     let build = |bits: u8, granularity: Granularity| -> Result<Quantized, QuantizeError> {
         let mut artifact = input.clone();
         let mut max_error = 0f32;
@@ -404,15 +407,11 @@ pub fn quantize_mlp(
             .layers
             .iter()
             .zip(&activation_ranges)
-            .map(|(layer, range)| {
+            .zip(&dims)
+            .map(|((layer, range), &(n_in, n_out))| {
                 let shape = layer.weight.shape().to_vec();
                 let values = layer.weight.to_dense_values();
-                let row = shape.get(1).copied().unwrap_or(values.len()).max(1);
-                let group = match granularity {
-                    Granularity::PerTensor => values.len().max(1),
-                    Granularity::PerChannel => row,
-                    Granularity::Grouped(g) => g,
-                };
+                let group = granularity.elements_per_scale(n_out, n_in);
                 let nonzero = values.iter().filter(|v| **v != 0.0).count();
                 // Positions cost about a byte each: worth it below ~60 % non-zeros.
                 let sparse = (nonzero as f64) <= 0.6 * values.len() as f64;
@@ -455,15 +454,7 @@ pub fn quantize_mlp(
         (Bits::Four, _) => vec![fixed(4)],
         (Bits::Auto, Some(g)) => vec![(4, g), (8, g)],
         (Bits::Auto, None) => {
-            let shapes: Vec<(usize, usize)> = input
-                .layers
-                .iter()
-                .map(|l| match l.weight.shape() {
-                    &[n_out, n_in] => (n_out, n_in),
-                    other => (1, other.iter().product()),
-                })
-                .collect();
-            let order = coarsest_first(&shapes, cfg.group_size);
+            let order = coarsest_first(&dims, cfg.group_size);
             [4, 8]
                 .into_iter()
                 .flat_map(|bits| order.map(|g| (bits, g)))
@@ -756,7 +747,7 @@ mod tests {
     #[test]
     fn auto_orders_the_granularities_by_their_number_of_scales() {
         use Granularity::*;
-        let digits = [(256, 64), (128, 256), (10, 128)];
+        let digits = [(64, 256), (256, 128), (128, 10)];
         assert_eq!(
             coarsest_first(&digits, 32),
             [PerTensor, PerChannel, Grouped(32)]
