@@ -75,14 +75,13 @@ fn fmt_metric(name: &str, v: f64) -> String {
 /// What a quantize step chose, from its details: e.g. "4-bit, one scale per tensor (auto
 /// tried 1 setting)".
 fn quantize_choice(details: &serde_json::Value) -> Option<String> {
+    use lathe_model::quantize::Granularity;
+    use serde::Deserialize;
     let bits = details.get("bits")?.as_u64()?;
-    let granularity = match details.get("granularity")? {
-        serde_json::Value::String(g) if g == "per_tensor" => "one scale per tensor".to_string(),
-        serde_json::Value::String(g) if g == "per_channel" => "one scale per channel".to_string(),
-        other => match other.get("grouped").and_then(serde_json::Value::as_u64) {
-            Some(n) => format!("one scale per {n} weights"),
-            None => other.to_string(),
-        },
+    let granularity = match Granularity::deserialize(details.get("granularity")?).ok()? {
+        Granularity::PerTensor => "one scale per tensor".to_string(),
+        Granularity::PerChannel => "one scale per channel".to_string(),
+        Granularity::Grouped(n) => format!("one scale per {n} weights"),
     };
     let tried = details
         .get("auto_search")
