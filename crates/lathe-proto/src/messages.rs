@@ -45,6 +45,55 @@ pub struct StageTask {
     pub accepted_at_ms: u64,
 }
 
+impl StageTask {
+    /// Checks what a worker relies on before it starts: a schema it reads, a spec that passes
+    /// every rule intake applies (its errors named under `spec.`), and a step that names this
+    /// task's stage in the spec's pipeline. Intake publishes only valid tasks; this catches one
+    /// published by hand or altered on the way.
+    pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut errs = Vec::new();
+        if self.schema_version == 0 || self.schema_version > crate::SCHEMA_VERSION {
+            errs.push(FieldError::new(
+                "schema_version",
+                format!(
+                    "must be in 1..={}, got {}",
+                    crate::SCHEMA_VERSION,
+                    self.schema_version
+                ),
+            ));
+        }
+        if let Err(spec_errs) = self.spec.validate() {
+            errs.extend(spec_errs.into_iter().map(|e| {
+                let field = if e.field == "." {
+                    "spec".to_string()
+                } else {
+                    format!("spec.{}", e.field)
+                };
+                FieldError::new(field, e.reason)
+            }));
+        }
+        match self.spec.pipeline.get(self.step as usize) {
+            Some(s) if *s == self.stage => {}
+            Some(s) => errs.push(FieldError::new(
+                "step",
+                format!(
+                    "step {} of the pipeline is `{s}`, not this task's `{}`",
+                    self.step, self.stage
+                ),
+            )),
+            None => errs.push(FieldError::new(
+                "step",
+                format!(
+                    "step {} is past the pipeline's {} stages",
+                    self.step,
+                    self.spec.pipeline.len()
+                ),
+            )),
+        }
+        if errs.is_empty() { Ok(()) } else { Err(errs) }
+    }
+}
+
 /// Where a job is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]

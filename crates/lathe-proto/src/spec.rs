@@ -686,13 +686,19 @@ impl JobSpec {
                 format!("must be in [0, 0.5], got {}", d.validation_fraction),
             );
         }
-        if d.test.is_none()
-            && !matches!(d.source, DataSource::Builtin(_))
-            && !(d.test_fraction > 0.0 && d.test_fraction <= 0.5)
-        {
+        // The fraction is used only when the test rows are split off the data; where it is
+        // unused it must still be a fraction, so that no NaN rides along in a stored spec.
+        if d.test.is_none() && !matches!(d.source, DataSource::Builtin(_)) {
+            if !(d.test_fraction > 0.0 && d.test_fraction <= 0.5) {
+                bad(
+                    "dataset.test_fraction",
+                    format!("must be in (0, 0.5], got {}", d.test_fraction),
+                );
+            }
+        } else if !(0.0..=0.5).contains(&d.test_fraction) {
             bad(
                 "dataset.test_fraction",
-                format!("must be in (0, 0.5], got {}", d.test_fraction),
+                format!("must be in [0, 0.5], got {}", d.test_fraction),
             );
         }
         if let DataSource::Builtin(name) = &d.source {
@@ -952,6 +958,11 @@ impl JobSpec {
                     "deploy.canary_percent",
                     format!("must be in (0, 100) for a canary, got {}", p.canary_percent),
                 );
+            } else if !(0.0..=100.0).contains(&p.canary_percent) {
+                bad(
+                    "deploy.canary_percent",
+                    format!("must be in [0, 100], got {}", p.canary_percent),
+                );
             }
             if let Some(a) = p.min_accuracy
                 && !(0.0..=1.0).contains(&a)
@@ -997,6 +1008,14 @@ impl JobSpec {
                 && !(l.is_finite() && l > 0.0)
             {
                 bad("monitor.p99_latency_ms", format!("must be > 0, got {l}"));
+            }
+            if let Some(a) = p.min_accuracy
+                && !(0.0..=1.0).contains(&a)
+            {
+                bad(
+                    "monitor.min_accuracy",
+                    format!("must be a fraction in [0, 1], got {a}"),
+                );
             }
         }
 

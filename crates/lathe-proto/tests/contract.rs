@@ -118,3 +118,83 @@ fn several_bad_fields_are_all_named() {
         ]
     );
 }
+
+/// The example chain spec, parsed.
+fn chain_spec() -> JobSpec {
+    let text = std::fs::read(proto_dir().join("examples/valid/digits-chain.json")).unwrap();
+    JobSpec::parse(&text, Format::Json).unwrap()
+}
+
+#[test]
+fn a_nan_where_json_cannot_carry_one_is_refused_in_messagepack() {
+    // JSON has no NaN, MessagePack does: fields that a spec may leave unused are still
+    // checked, so no NaN rides along in a stored spec.
+    let mut spec = chain_spec();
+    spec.dataset.test_fraction = f64::NAN;
+    spec.deploy.as_mut().unwrap().canary_percent = f64::NAN;
+    spec.monitor.as_mut().unwrap().min_accuracy = Some(f64::NAN);
+    let errs = JobSpec::parse(&lathe_proto::codec::to_msgpack(&spec), Format::MsgPack).unwrap_err();
+    let all: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        all,
+        [
+            "dataset.test_fraction: must be in [0, 0.5], got NaN",
+            "deploy.canary_percent: must be in [0, 100], got NaN",
+            "monitor.min_accuracy: must be a fraction in [0, 1], got NaN",
+        ]
+    );
+}
+
+fn task(spec: JobSpec, step: u32, stage: lathe_proto::Stage) -> lathe_proto::StageTask {
+    lathe_proto::StageTask {
+        schema_version: 1,
+        job_id: lathe_proto::JobId::new(),
+        step,
+        stage,
+        spec,
+        input: None,
+        accepted_at_ms: 0,
+    }
+}
+
+#[test]
+fn a_stage_task_is_checked_as_intake_checks_its_spec() {
+    use lathe_proto::Stage;
+    assert_eq!(task(chain_spec(), 3, Stage::Quantize).validate(), Ok(()));
+
+    // The spec's errors are named under `spec.`, every one of them.
+    let mut spec = chain_spec();
+    spec.train.learning_rate = f64::NAN;
+    spec.quantize.as_mut().unwrap().group_size = 0;
+    let errs = task(spec, 3, Stage::Quantize).validate().unwrap_err();
+    let all: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        all,
+        [
+            "spec.train.learning_rate: must be in (0, 10], got NaN",
+            "spec.quantize.group_size: must be at least 1",
+        ]
+    );
+
+    // The step must name the task's stage in the pipeline.
+    let errs = task(chain_spec(), 2, Stage::Quantize)
+        .validate()
+        .unwrap_err();
+    assert_eq!(
+        errs[0].to_string(),
+        "step: step 2 of the pipeline is `prune`, not this task's `quantize`"
+    );
+    let errs = task(chain_spec(), 6, Stage::Monitor)
+        .validate()
+        .unwrap_err();
+    assert_eq!(
+        errs[0].to_string(),
+        "step: step 6 is past the pipeline's 6 stages"
+    );
+    let mut newer = task(chain_spec(), 0, Stage::Train);
+    newer.schema_version = 9;
+    assert_eq!(
+        newer.validate().unwrap_err()[0].to_string(),
+        "schema_version: must be in 1..=1, got 9"
+    );
+}

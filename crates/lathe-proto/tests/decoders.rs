@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use lathe_proto::codec::{self, Format};
 use lathe_proto::{
-    ArtifactRef, Feedback, InferRequest, JobEvent, JobId, JobRecord, JobSpec, ModelName, Stage,
-    StageTask, TelemetryBatch, TelemetryRecord,
+    ArtifactRef, Feedback, InferRequest, JobEvent, JobId, JobRecord, JobSpec, ModelName, StageTask,
+    TelemetryBatch, TelemetryRecord,
 };
 use proptest::prelude::*;
 use serde::Serialize;
@@ -49,8 +49,8 @@ fn sample_task(spec: JobSpec) -> StageTask {
     StageTask {
         schema_version: 1,
         job_id: JobId::new(),
-        step: 1,
-        stage: Stage::Prune,
+        step: spec.pipeline.len() as u32 - 1,
+        stage: *spec.pipeline.last().unwrap(),
         spec,
         input: Some(ArtifactRef {
             bucket: "lathe-artifacts".into(),
@@ -236,7 +236,11 @@ proptest! {
         // still round-trip.
         if let Ok(s) = JobSpec::parse(&bytes, Format::Json) { round_trips(&s)?; }
         if let Ok(s) = JobSpec::parse(&bytes, Format::MsgPack) { round_trips(&s)?; }
-        if let Ok(t) = codec::from_msgpack::<StageTask>(&bytes) { round_trips(&t)?; }
+        if let Ok(t) = codec::from_msgpack::<StageTask>(&bytes)
+            && t.validate().is_ok()
+        {
+            round_trips(&t)?;
+        }
         let _ = codec::from_msgpack::<JobRecord>(&bytes);
         let _ = codec::from_msgpack::<JobEvent>(&bytes);
         let _ = codec::decode_any::<InferRequest>(&bytes, None);
@@ -279,8 +283,9 @@ proptest! {
     ) {
         let specs = valid_specs();
         let task = sample_task(specs[example.index(specs.len())].1.clone());
+        // What a worker accepts: a task that decodes and passes `StageTask::validate`.
         check_decoder(&codec::to_msgpack(&task), &mutations, |b| {
-            codec::from_msgpack::<StageTask>(b).ok()
+            codec::from_msgpack::<StageTask>(b).ok().filter(|t| t.validate().is_ok())
         })?;
     }
 

@@ -283,6 +283,33 @@ async fn handle<H: StageHandler>(res: Resources, handler: Arc<H>, msg: jetstream
         let _ = acker.ack_with(AckKind::Term).await;
         return;
     }
+    // A task that decodes but breaks a rule intake applies (published by hand, or altered
+    // on the way) is refused before any work, with every bad field named; it is not retried.
+    if let Err(errors) = task.validate() {
+        let reason = format!(
+            "invalid task: {}",
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        tracing::warn!(stage = stage.as_str(), %subject, %reason, "Dead-lettering");
+        fail_job(&res, &task, &reason).await;
+        dead_letter(
+            &res,
+            stage.as_str(),
+            &subject,
+            Some(job),
+            Some(task.step),
+            &reason,
+            delivered,
+            &payload,
+        )
+        .await;
+        let _ = acker.ack_with(AckKind::Term).await;
+        return;
+    }
 
     let span = tracing::info_span!(
         "process",

@@ -1,10 +1,10 @@
 //! Faults against real processes and a real server: nats-server restarted mid-batch, a flood
-//! of malformed messages on every subject lathe listens to, a corrupted artifact, and stage
-//! processes killed with SIGKILL at random while 20 jobs run.
+//! of malformed messages on every subject lathe listens to, a task altered on the way, a
+//! corrupted artifact, and stage processes killed with SIGKILL at random while 20 jobs run.
 
 use std::time::Duration;
 
-use lathe_proto::{JobState, Stage, names};
+use lathe_proto::{JobState, Stage, codec, names};
 use lathe_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,6 +167,66 @@ async fn a_corrupted_artifact_fails_its_job_naming_the_artifact() {
     assert!(error.contains(&artifact.name), "{error}");
     assert!(error.contains("digest mismatch"), "{error}");
     assert_eq!(r.steps[1].attempts, 1, "a corrupt artifact is not retried");
+    pruner.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_altered_on_the_way_fails_its_job_naming_the_fields_and_the_stage_serves_on() {
+    let s = stack().await;
+    let url = s.server.url();
+    let (job, _) = trained_and_waiting_for_the_pruner(&s, "altered").await;
+    // Replace the queued prune task with a copy whose spec breaks two of intake's rules
+    // (MessagePack carries a NaN that JSON could not).
+    let work = s.res.js.get_stream(names::WORK_STREAM).await.unwrap();
+    let queued = work
+        .get_last_raw_message_by_subject(&names::work_subject(Stage::Prune))
+        .await
+        .unwrap();
+    let mut task: lathe_proto::StageTask = codec::from_msgpack(&queued.payload).unwrap();
+    assert_eq!(task.job_id, job);
+    let prune = task.spec.prune.as_mut().unwrap();
+    prune.target_sparsity = lathe_proto::spec::AutoOr::Value(1.0);
+    task.spec.budget.max_accuracy_drop = f64::NAN;
+    assert!(work.delete_message(queued.sequence).await.unwrap());
+    s.res
+        .js
+        .publish(
+            names::work_subject(Stage::Prune),
+            codec::to_msgpack(&task).into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let pruner = start_stage(&url, "p1", "lathe-pruner", lathe_pruner::Pruner).await;
+    let r = wait_job(&s.res, job, Duration::from_secs(60)).await;
+    assert_eq!(r.state, JobState::Failed);
+    let error = r.error.unwrap_or_default();
+    assert_eq!(
+        error,
+        "prune failed: invalid task: \
+         spec.budget.max_accuracy_drop: must be a fraction in [0, 1], got NaN; \
+         spec.prune.target_sparsity: must be in [0, 1) or \"auto\", got 1"
+    );
+    assert_eq!(r.steps[1].state, lathe_proto::StepState::Failed);
+    assert!(r.steps[1].artifact.is_none(), "nothing was pruned");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !dead_letters(&s.res)
+        .await
+        .iter()
+        .any(|d| d.job_id == Some(job) && d.reason.starts_with("invalid task"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the altered task was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The same pruner takes the next, intact task.
+    let (next, _) = trained_and_waiting_for_the_pruner(&s, "intact").await;
+    let r = wait_job(&s.res, next, Duration::from_secs(60)).await;
+    assert_eq!(r.state, JobState::Completed, "{:?}", r.error);
     pruner.stop().await;
 }
 
