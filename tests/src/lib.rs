@@ -281,6 +281,29 @@ pub async fn events_of(res: &Resources, job: JobId) -> Vec<JobEvent> {
         .collect()
 }
 
+/// Every stored event of a job once its last one (completed, failed or rejected) is stored. A
+/// worker writes the record's end first and publishes the last event after it (so that a
+/// watcher reading the record on that event finds it ended), so a record seen terminal does
+/// not yet mean its last event is stored.
+pub async fn events_of_ended(res: &Resources, job: JobId, timeout: Duration) -> Vec<JobEvent> {
+    use lathe_proto::EventKind::{Completed, Failed, Rejected};
+    let deadline = Instant::now() + timeout;
+    loop {
+        let events = events_of(res, job).await;
+        if events
+            .iter()
+            .any(|e| matches!(e.kind, Completed | Failed | Rejected))
+        {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {job}: no last event within {timeout:?}: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The first event of a kind, waiting for it.
 pub async fn wait_event(
     res: &Resources,

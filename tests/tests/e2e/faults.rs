@@ -302,7 +302,7 @@ async fn random_kills_while_twenty_jobs_run_lose_nothing_and_deploy_nothing_twic
     for job in &jobs {
         let (r, _) = s.res.jobs.get(*job).await.unwrap().unwrap();
         assert_eq!(r.state, JobState::Completed, "{job}: {:?}", r.error);
-        let completed = events_of(&s.res, *job)
+        let completed = events_of_ended(&s.res, *job, Duration::from_secs(10))
             .await
             .iter()
             .filter(|e| e.kind == lathe_proto::EventKind::Completed)

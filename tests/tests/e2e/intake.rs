@@ -61,7 +61,7 @@ async fn a_spec_published_while_nothing_runs_is_processed_when_a_service_starts(
     let trainer = start_trainer(&s.server.url(), "late").await;
     let record = wait_job(&s.res, job, Duration::from_secs(60)).await;
     assert_eq!(record.state, JobState::Completed, "{:?}", record.error);
-    let kinds: Vec<EventKind> = events_of(&s.res, job)
+    let kinds: Vec<EventKind> = events_of_ended(&s.res, job, Duration::from_secs(10))
         .await
         .iter()
         .map(|e| e.kind)

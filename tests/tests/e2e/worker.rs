@@ -22,7 +22,7 @@ async fn two_replicas_share_a_batch_of_tasks() {
         assert_eq!(r.state, JobState::Completed, "{:?}", r.error);
         assert_eq!(r.steps[0].attempts, 1, "no task was processed twice");
         workers.insert(r.steps[0].worker.clone().unwrap());
-        let completed = events_of(&s.res, job)
+        let completed = events_of_ended(&s.res, job, Duration::from_secs(10))
             .await
             .iter()
             .filter(|e| e.kind == EventKind::Completed)
@@ -61,7 +61,7 @@ async fn a_killed_worker_has_its_task_redelivered_and_the_job_completes_once() {
         "one delivery to the killed worker, one to the heir: {r:#?}"
     );
     assert_eq!(r.steps[0].worker.as_deref(), Some("heir"));
-    let events = events_of(&s.res, job).await;
+    let events = events_of_ended(&s.res, job, Duration::from_secs(10)).await;
     assert_eq!(
         events
             .iter()
