@@ -609,7 +609,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         "weight decay", "float acc %", "float bytes", "int8 acc %", "int8 bytes", "share %"
     );
     let mut decay_rows = Vec::new();
-    for decay in [0.0, 1e-4, 1e-3, 1e-2] {
+    for decay in [0.0, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1] {
         // No decay is the default training: the dense model above.
         let (float_model, float_accuracy) = if decay == 0.0 {
             (dense.clone(), base)
