@@ -96,9 +96,9 @@ fn quantize_choice(details: &serde_json::Value) -> Option<String> {
 }
 
 fn print_record(r: &JobRecord) {
-    println!("job {}  {}  {:?}", r.job_id, r.name, r.state);
+    outln!("job {}  {}  {:?}", r.job_id, r.name, r.state);
     if let Some(end) = r.finished_at_ms {
-        println!(
+        outln!(
             "  wall time {:.1} s",
             end.saturating_sub(r.submitted_at_ms) as f64 / 1000.0
         );
@@ -108,7 +108,7 @@ fn print_record(r: &JobRecord) {
             (Some(a), Some(b)) => format!(" in {:.1} s", b.saturating_sub(a) as f64 / 1000.0),
             _ => String::new(),
         };
-        println!(
+        outln!(
             "  {:>2}. {:<9} {:?}{took} (attempts {})",
             s.step,
             s.stage.as_str(),
@@ -117,25 +117,25 @@ fn print_record(r: &JobRecord) {
         );
         if !s.metrics.is_empty() {
             let m: Vec<String> = s.metrics.iter().map(|(k, v)| fmt_metric(k, *v)).collect();
-            println!("      {}", m.join(", "));
+            outln!("      {}", m.join(", "));
         }
         if let Some(choice) = s.details.as_ref().and_then(quantize_choice) {
-            println!("      quantized {choice}");
+            outln!("      quantized {choice}");
         }
         if let Some(a) = &s.artifact {
-            println!("      artifact {} ({} bytes)", a.name, a.bytes);
+            outln!("      artifact {} ({} bytes)", a.name, a.bytes);
         }
         if let Some(e) = &s.error {
-            println!("      error: {e}");
+            outln!("      error: {e}");
         }
     }
     for e in &r.errors {
-        println!("  invalid: {e}");
+        outln!("  invalid: {e}");
     }
     if let Some(e) = &r.error
         && r.errors.is_empty()
     {
-        println!("  error: {e}");
+        outln!("  error: {e}");
     }
 }
 
@@ -147,12 +147,12 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
             let s = Session::connect(&g).await?;
             let job = s.submit(bytes).await?;
             if g.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "job_id": job, "name": spec.name })
                 );
             } else {
-                println!("submitted job {job} ({})", spec.name);
+                outln!("submitted job {job} ({})", spec.name);
             }
             if watch {
                 follow(&s, job, g.json).await
@@ -171,7 +171,7 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
                 bail!("no job {job}")
             };
             if g.json {
-                println!("{}", serde_json::to_string_pretty(&record)?);
+                outln!("{}", serde_json::to_string_pretty(&record)?);
             } else {
                 print_record(&record);
             }
@@ -181,16 +181,16 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
             let s = Session::connect(&g).await?;
             let jobs = s.jobs().await?.list().await?;
             if g.json {
-                println!("{}", serde_json::to_string_pretty(&jobs)?);
+                outln!("{}", serde_json::to_string_pretty(&jobs)?);
             } else {
-                println!("{:<36}  {:<20}  {:<9}  STAGES", "JOB", "NAME", "STATE");
+                outln!("{:<36}  {:<20}  {:<9}  STAGES", "JOB", "NAME", "STATE");
                 for r in jobs {
                     let stages: Vec<String> = r
                         .steps
                         .iter()
                         .map(|s| format!("{}:{:?}", s.stage.as_str(), s.state).to_lowercase())
                         .collect();
-                    println!(
+                    outln!(
                         "{:<36}  {:<20}  {:<9}  {}",
                         r.job_id,
                         r.name,
@@ -222,21 +222,21 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
             )
             .await?;
             if g.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                outln!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 for (model, version) in &report.forgotten_versions {
-                    println!(
+                    outln!(
                         "{} {model} version {version}",
                         if dry_run { "would forget" } else { "forgot" }
                     );
                 }
                 for (name, bytes) in &report.removed {
-                    println!(
+                    outln!(
                         "{} {name} ({bytes} bytes)",
                         if dry_run { "would remove" } else { "removed" }
                     );
                 }
-                println!(
+                outln!(
                     "{} {} of {} artifacts ({} bytes); kept {} in the registry, {} of running or recent jobs, {} without a job record",
                     if dry_run { "would remove" } else { "removed" },
                     report.removed.len(),
@@ -246,7 +246,7 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
                     report.kept_recent,
                     report.kept_without_record
                 );
-                println!(
+                outln!(
                     "{} {} job records of ended jobs; kept {} that registered versions come from",
                     if dry_run { "would remove" } else { "removed" },
                     report.removed_jobs.len(),
@@ -258,7 +258,7 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
         Command::Provision => {
             Session::connect(&g).await?.provision().await?;
             if !g.json {
-                println!(
+                outln!(
                     "lathe: every stream, consumer and bucket is in place on {}",
                     g.nats_url
                 );
@@ -300,7 +300,7 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
                     bail!("no job {job}")
                 };
                 if !g.json {
-                    println!(
+                    outln!(
                         "job {job}  {}  {:?}  (trace id {})",
                         record.name,
                         record.state,
@@ -314,11 +314,11 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
                     .iter()
                     .map(|b| serde_json::json!({"name": b.name, "service": b.service, "start_unix_ms": b.start_ms, "end_unix_ms": b.end_ms}))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                outln!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                print!("{}", trace_view::render(&bars, 48));
+                out!("{}", trace_view::render(&bars, 48));
                 if let Some(base) = jaeger {
-                    println!(
+                    outln!(
                         "Jaeger: {}/trace/{}",
                         base.trim_end_matches('/'),
                         job.trace_id_hex()
@@ -352,9 +352,11 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let s = Session::connect(&g).await?;
             let info = s.datasets().await?.put(&name, &bytes).await?;
-            println!(
+            outln!(
                 "stored dataset {} ({} bytes); use \"source\": \"bucket:{}\"",
-                info.name, info.bytes, info.name
+                info.name,
+                info.bytes,
+                info.name
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -363,10 +365,10 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
             let list = s.datasets().await?.list().await?;
             if g.json {
                 let v: Vec<_> = list.iter().map(|d| serde_json::json!({"name": d.name, "bytes": d.bytes, "digest": d.digest})).collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for d in list {
-                    println!("{:<32} {:>12} bytes  {}", d.name, d.bytes, d.digest);
+                    outln!("{:<32} {:>12} bytes  {}", d.name, d.bytes, d.digest);
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -385,7 +387,7 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("artifact {}", artifact.name))?;
             let st = lathe_model::interop::export_safetensors(&model)?;
             std::fs::write(&out, &st).with_context(|| format!("cannot write {}", out.display()))?;
-            println!(
+            outln!(
                 "wrote {} ({} bytes) from {}",
                 out.display(),
                 st.len(),
@@ -407,7 +409,7 @@ async fn demo(g: &Global) -> anyhow::Result<ExitCode> {
     let res = s.provision().await?;
     let spec = JobSpec::parse(DEMO_SPEC.as_bytes(), Format::Json)
         .map_err(|e| anyhow::anyhow!("demo spec: {e:?}"))?;
-    println!(
+    outln!(
         "lathe demo: submitting `{}` ({})",
         spec.name,
         spec.pipeline
@@ -436,16 +438,16 @@ async fn demo(g: &Global) -> anyhow::Result<ExitCode> {
                 m("smoke_accuracy"),
                 m("smoke_rows"),
             ) {
-                (Some(accuracy), Some(bytes), _, _) => println!(
+                (Some(accuracy), Some(bytes), _, _) => outln!(
                     "{what}: test accuracy {:.2} %, artifact {bytes} bytes",
                     accuracy * 100.0
                 ),
                 // The monitor's step measures the live endpoint, not an artifact.
-                (_, _, Some(accuracy), Some(rows)) => println!(
+                (_, _, Some(accuracy), Some(rows)) => outln!(
                     "{what}: smoke test through the live endpoint, {:.2} % of {rows} rows right",
                     accuracy * 100.0
                 ),
-                _ => println!("{what}: {:?}", step.state),
+                _ => outln!("{what}: {:?}", step.state),
             }
         }
     }
@@ -485,7 +487,7 @@ async fn demo_inference(s: &Session, model: &lathe_proto::ModelName) -> anyhow::
         .zip(&test.labels)
         .filter(|(p, l)| p.class == **l)
         .count();
-    println!(
+    outln!(
         "served: {} v{} on {}: {right}/{} built-in test rows right, one batch in {:.1} ms",
         reply.model,
         reply.version,

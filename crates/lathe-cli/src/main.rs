@@ -2,6 +2,23 @@
 //! every stage in one process (`up`), or the whole demo. A composition root: parsing here,
 //! the work in the modules and the libraries.
 
+/// `println!` for what a command prints: when the reader of standard output has gone
+/// (`lathe jobs | head`), the command ends quietly with success, as ripgrep does, instead
+/// of panicking. (Restoring the default SIGPIPE would do it in one line, but would also let a
+/// write to a NATS connection the server closed kill a running service without a word.)
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for what a command prints; see `outln!`.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!($($arg)*))
+    };
+}
+
 mod cli;
 mod commands;
 mod local;
@@ -10,6 +27,7 @@ mod session;
 mod trace_view;
 mod watch;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -47,5 +65,18 @@ fn main() -> ExitCode {
             eprintln!("lathe: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Writes to standard output. A reader that went away ends the process with success: it took
+/// what it wanted. Any other failure to write ends it with an error that says so.
+pub(crate) fn write_stdout(args: std::fmt::Arguments<'_>) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("lathe: cannot write to standard output: {e}");
+        std::process::exit(1);
     }
 }

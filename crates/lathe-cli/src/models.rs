@@ -28,7 +28,7 @@ fn print_entry(e: &ModelEntry) {
         .as_ref()
         .map(|c| format!("v{} at {}%", c.version, c.percent))
         .unwrap_or_else(|| "none".into());
-    println!(
+    outln!(
         "{}  active: {}  canary: {}",
         e.model,
         e.active
@@ -36,9 +36,13 @@ fn print_entry(e: &ModelEntry) {
             .unwrap_or_else(|| "none".into()),
         canary
     );
-    println!(
+    outln!(
         "  {:<8} {:<36} {:>9} {:>10} {:>10}  STAGES",
-        "VERSION", "JOB", "ACCURACY", "BYTES", "P99 MS"
+        "VERSION",
+        "JOB",
+        "ACCURACY",
+        "BYTES",
+        "P99 MS"
     );
     for v in &e.versions {
         let mark = if Some(v.version) == e.active {
@@ -49,7 +53,7 @@ fn print_entry(e: &ModelEntry) {
             " "
         };
         let stages: Vec<&str> = v.lineage.iter().map(|l| l.stage.as_str()).collect();
-        println!(
+        outln!(
             "  {mark}v{:<6} {:<36} {:>9} {:>10} {:>10}  {}",
             v.version,
             v.job_id.to_string(),
@@ -63,9 +67,12 @@ fn print_entry(e: &ModelEntry) {
         );
     }
     if let Some(last) = e.history.last() {
-        println!(
+        outln!(
             "  last change: {:?} v{} by {} ({})",
-            last.kind, last.version, last.by, last.reason
+            last.kind,
+            last.version,
+            last.by,
+            last.reason
         );
     }
 }
@@ -83,15 +90,15 @@ pub async fn list(s: &Session, model: Option<String>, json: bool) -> anyhow::Res
         None => s.registry().await?.list().await?,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&entries)?);
+        outln!("{}", serde_json::to_string_pretty(&entries)?);
     } else if entries.is_empty() {
-        println!("no models deployed yet");
+        outln!("no models deployed yet");
     } else {
         let health = s.health().await?;
         for e in &entries {
             print_entry(e);
             if let Some(h) = health_of(&health, &e.model).await? {
-                print!("{}", health_table(&h));
+                out!("{}", health_table(&h));
             }
         }
     }
@@ -164,12 +171,12 @@ pub async fn monitor(s: &Session, model: &str, once: bool, json: bool) -> anyhow
     let m = model_name(model)?;
     let show = |h: &ModelHealth, clear: bool| -> anyhow::Result<()> {
         if json {
-            println!("{}", serde_json::to_string(h)?);
+            outln!("{}", serde_json::to_string(h)?);
         } else {
             if clear {
-                print!("\x1b[2J\x1b[H");
+                out!("\x1b[2J\x1b[H");
             }
-            print!("{}", health_table(h));
+            out!("{}", health_table(h));
         }
         Ok(())
     };
@@ -208,9 +215,9 @@ pub async fn promote(
         .update(&m, false, |e| e.promote(version, "cli", "promoted by hand"))
         .await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&entry)?);
+        outln!("{}", serde_json::to_string_pretty(&entry)?);
     } else {
-        println!("{m}: v{version} is active");
+        outln!("{m}: v{version} is active");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -229,9 +236,9 @@ pub async fn rollback(
         .update(&m, false, |e| e.rollback(to, "cli", "rolled back by hand"))
         .await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&entry)?);
+        outln!("{}", serde_json::to_string_pretty(&entry)?);
     } else {
-        println!("{m}: rolled back, v{active} is active");
+        outln!("{m}: rolled back, v{active} is active");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -311,19 +318,19 @@ pub async fn infer(
         return Ok(ExitCode::from(2));
     }
     if json {
-        println!("{}", String::from_utf8_lossy(&reply.payload));
+        outln!("{}", String::from_utf8_lossy(&reply.payload));
         return Ok(ExitCode::SUCCESS);
     }
     let reply: InferReply = codec::decode_any(&reply.payload, None)
         .map_err(|e| anyhow::anyhow!("unreadable reply: {e}"))?;
-    println!("{} v{}", reply.model, reply.version);
+    outln!("{} v{}", reply.model, reply.version);
     for (i, p) in reply.predictions.iter().enumerate() {
         let conf = p
             .probabilities
             .get(p.class as usize)
             .copied()
             .unwrap_or(0.0);
-        println!("  row {i}: {} (p = {:.3})", p.label, conf);
+        outln!("  row {i}: {} (p = {:.3})", p.label, conf);
     }
     Ok(ExitCode::SUCCESS)
 }

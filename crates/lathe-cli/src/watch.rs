@@ -43,7 +43,7 @@ pub async fn watch(js: &jetstream::Context, job: JobId, json: bool) -> anyhow::R
             }
         };
         if json {
-            println!("{}", serde_json::to_string(&event)?);
+            outln!("{}", serde_json::to_string(&event)?);
         }
         let bar_for =
             |bars: &mut BTreeMap<u32, ProgressBar>, event: &JobEvent| -> Option<ProgressBar> {

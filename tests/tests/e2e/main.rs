@@ -1,5 +1,6 @@
 //! The end-to-end suite: one binary, real nats-server, real services, real training.
 
+mod cli;
 mod cluster;
 mod demo;
 mod deploy;
