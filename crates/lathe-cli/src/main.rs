@@ -4,8 +4,8 @@
 
 /// `println!` for what a command prints: when the reader of standard output has gone
 /// (`lathe jobs | head`), the command ends quietly with success, as ripgrep does, instead
-/// of panicking. (Restoring the default SIGPIPE would do it in one line, but would also let a
-/// write to a NATS connection the server closed kill a running service without a word.)
+/// of panicking. (Restoring the default SIGPIPE would also stop the panic, but the command
+/// would die of the signal, status 141, which fails `lathe jobs | head -1` under `pipefail`.)
 macro_rules! outln {
     ($($arg:tt)*) => {
         $crate::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
