@@ -43,8 +43,13 @@ fn parse_job(s: &str) -> anyhow::Result<JobId> {
     s.parse::<JobId>().map_err(|e| anyhow::anyhow!(e))
 }
 
-async fn follow(s: &Session, job: JobId, json: bool) -> anyhow::Result<ExitCode> {
-    match watch::watch(&s.js, job, json).await? {
+async fn follow(
+    s: &Session,
+    job: JobId,
+    json: bool,
+    ended: Option<watch::Ending>,
+) -> anyhow::Result<ExitCode> {
+    match watch::watch(&s.js, job, json, ended).await? {
         watch::Ending::Completed => {
             if !json && let Some((record, _)) = s.jobs().await?.get(job).await? {
                 print_record(&record);
@@ -155,14 +160,27 @@ pub async fn run(args: Cli) -> anyhow::Result<ExitCode> {
                 outln!("submitted job {job} ({})", spec.name);
             }
             if watch {
-                follow(&s, job, g.json).await
+                follow(&s, job, g.json, None).await
             } else {
                 Ok(ExitCode::SUCCESS)
             }
         }
         Command::Watch { job } => {
+            let job = parse_job(&job)?;
             let s = Session::connect(&g).await?;
-            follow(&s, parse_job(&job)?, g.json).await
+            // A job that ended and whose events expired is answered from its record.
+            let ended = match s.jobs().await?.get(job).await? {
+                Some((record, _)) => watch::ending_of(&record),
+                None => {
+                    eprintln!(
+                        "lathe: no record of job {job} yet; waiting for its events (a job \
+                         has one once a service running intake takes it: check the id, and \
+                         that one runs)"
+                    );
+                    None
+                }
+            };
+            follow(&s, job, g.json, ended).await
         }
         Command::Status { job } => {
             let job = parse_job(&job)?;
@@ -419,7 +437,7 @@ async fn demo(g: &Global) -> anyhow::Result<ExitCode> {
             .join(" → ")
     );
     let job = s.submit(DEMO_SPEC.as_bytes().to_vec()).await?;
-    let code = follow(&s, job, g.json).await?;
+    let code = follow(&s, job, g.json, None).await?;
     let completed = match res.jobs.get(job).await? {
         Some((record, _)) if record.state == JobState::Completed => Some(record),
         _ => None,

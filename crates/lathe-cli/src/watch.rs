@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use lathe_proto::{EventKind, JobEvent, JobId, codec, names};
+use lathe_proto::{EventKind, FieldError, JobEvent, JobId, JobRecord, JobState, codec, names};
 
 /// How the job ended, as seen by the watcher.
 pub enum Ending {
@@ -15,7 +15,39 @@ pub enum Ending {
     Rejected(String),
 }
 
-pub async fn watch(js: &jetstream::Context, job: JobId, json: bool) -> anyhow::Result<Ending> {
+/// How a job ended, from its record; `None` while it runs. For a job whose events are gone:
+/// they expire after 7 days, and its record stays until `lathe gc`.
+pub fn ending_of(record: &JobRecord) -> Option<Ending> {
+    let message = record.error.clone().unwrap_or_default();
+    match record.state {
+        JobState::Completed => Some(Ending::Completed),
+        JobState::Failed => Some(Ending::Failed(message)),
+        JobState::Rejected => Some(Ending::Rejected(reasons(&record.errors, message))),
+        JobState::Queued | JobState::Running => None,
+    }
+}
+
+/// A rejection's field errors, one a line, or its message when it has none.
+fn reasons(errors: &[FieldError], message: String) -> String {
+    if errors.is_empty() {
+        message
+    } else {
+        errors
+            .iter()
+            .map(|e| format!("  {e}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Follows a job's events until its last. `ended`, how its record says it ended, answers at
+/// once when no event of the job is stored any more.
+pub async fn watch(
+    js: &jetstream::Context,
+    job: JobId,
+    json: bool,
+    ended: Option<Ending>,
+) -> anyhow::Result<Ending> {
     let stream = js.get_stream(names::EVENTS_STREAM).await?;
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
@@ -24,6 +56,11 @@ pub async fn watch(js: &jetstream::Context, job: JobId, json: bool) -> anyhow::R
             ..Default::default()
         })
         .await?;
+    if consumer.cached_info().num_pending == 0
+        && let Some(ending) = ended
+    {
+        return Ok(ending);
+    }
     let mut messages = consumer.messages().await?;
     let multi = MultiProgress::new();
     if json {
@@ -120,17 +157,7 @@ pub async fn watch(js: &jetstream::Context, job: JobId, json: bool) -> anyhow::R
             EventKind::Completed => return Ok(Ending::Completed),
             EventKind::Failed => return Ok(Ending::Failed(event.message)),
             EventKind::Rejected => {
-                let reasons = if event.errors.is_empty() {
-                    event.message.clone()
-                } else {
-                    event
-                        .errors
-                        .iter()
-                        .map(|e| format!("  {e}"))
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                };
-                return Ok(Ending::Rejected(reasons));
+                return Ok(Ending::Rejected(reasons(&event.errors, event.message)));
             }
         }
     }
