@@ -263,37 +263,21 @@ async fn handle<H: StageHandler>(res: Resources, handler: Arc<H>, msg: jetstream
         }
     };
     let job = task.job_id;
-    if task.stage != stage {
-        let reason = format!(
+    // A task for another stage, or one that decodes but breaks a rule intake applies
+    // (published by hand, or altered on the way), is refused before any work, with every bad
+    // field named; it is not retried.
+    let refusal = if task.stage != stage {
+        Some(format!(
             "task for stage `{}` arrived on the `{stage}` work subject",
             task.stage
-        );
-        fail_job(&res, &task, &reason).await;
-        dead_letter(
-            &res,
-            stage.as_str(),
-            &subject,
-            Some(job),
-            Some(task.step),
-            &reason,
-            delivered,
-            &payload,
-        )
-        .await;
-        let _ = acker.ack_with(AckKind::Term).await;
-        return;
-    }
-    // A task that decodes but breaks a rule intake applies (published by hand, or altered
-    // on the way) is refused before any work, with every bad field named; it is not retried.
-    if let Err(errors) = task.validate() {
-        let reason = format!(
-            "invalid task: {}",
-            errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ")
-        );
+        ))
+    } else {
+        task.validate().err().map(|errors| {
+            let fields: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            format!("invalid task: {}", fields.join("; "))
+        })
+    };
+    if let Some(reason) = refusal {
         tracing::warn!(stage = stage.as_str(), %subject, %reason, "Dead-lettering");
         fail_job(&res, &task, &reason).await;
         dead_letter(
