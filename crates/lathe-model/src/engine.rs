@@ -14,7 +14,8 @@
 //! transposed activations. Layers of one model may mix both; the batch path transposes the
 //! activations between a sparse and a dense layer.
 //!
-//! An int8 layer (one scale per output or per tensor) keeps its weights as `i8` and runs
+//! An int8 layer (one scale per output or per tensor, stored dense or, for a pruned model,
+//! sparse) keeps its weights as `i8` and runs
 //! `u8 × i8` dot products with `i32` sums (AVX-512 VNNI, or a scalar loop giving the same
 //! integers); each row's activations are rounded to `u8` over the layer's calibrated input
 //! range when the artifact stores one (static quantization: one pass over the row, no range
@@ -24,7 +25,10 @@
 //! dequantized float model the difference is the activation rounding (the tests bound it
 //! and check that the classes agree on at least 99.5 % of the digits test rows). The
 //! per-row quantization and the finishing step are vectorized: before they were, they
-//! took about 80 % of an int8 batch and made it 2–3× slower than the float GEMM.
+//! took about 80 % of an int8 batch and made it 2–3× slower than the float GEMM. A pruned
+//! integer model is compacted like a float one (its dequantized weights say which neurons
+//! and features can go), then each kept weight is turned back into its exact code: the
+//! zeros left inside the compacted layers cost a byte each on the dense integer kernels.
 
 use std::cell::RefCell;
 
@@ -199,16 +203,11 @@ impl Weight {
 }
 
 /// Whether the engine runs a layer with this weight on the integer kernels (quantizing its
-/// input): dense quantized weights with one scale per output or per tensor. Grouped and
-/// sparse ones are dequantized onto the `f32` kernels at load.
+/// input): quantized weights with one scale per output or per tensor, stored dense or
+/// sparse (a pruned model's). Grouped ones are dequantized onto the `f32` kernels at load.
 pub fn runs_on_int8_kernels(weight: &TensorData) -> bool {
     match weight {
-        TensorData::QuantizedInt {
-            shape,
-            group,
-            sparse: false,
-            ..
-        } => match shape.as_slice() {
+        TensorData::QuantizedInt { shape, group, .. } => match shape.as_slice() {
             &[n_out, n_in] => *group == n_in * n_out || *group == n_in,
             _ => false,
         },
@@ -216,24 +215,36 @@ pub fn runs_on_int8_kernels(weight: &TensorData) -> bool {
     }
 }
 
-/// An int8 engine layer from a quantized artifact weight with one scale per output (or per
-/// tensor), or `None` when the storage needs another form (see [`runs_on_int8_kernels`]).
-/// Its inputs are quantized over the layer's calibrated range when the artifact has one.
-fn int8_layer(
+/// What an integer layer keeps beside its dequantized weights until its kernels are chosen
+/// (after compaction, which drops inputs and outputs): per output the scale and zero point
+/// that turn each weight back into its exact code.
+#[derive(Debug, Clone)]
+struct Int8Meta {
+    scale: Vec<f32>,
+    zero: Vec<f32>,
+    /// For the first layer: `1 / standardiser scale` per input (see `Weight::Int8`).
+    input_scale: Option<Vec<f32>>,
+    /// The calibrated input grid (static quantization), or `None` for each row's own.
+    grid: Option<ActivationGrid>,
+}
+
+/// The integer form of a quantized artifact weight with one scale per output (or per
+/// tensor), dense or sparse storage, or `None` when it needs another form (see
+/// [`runs_on_int8_kernels`]). Its inputs are quantized over the layer's calibrated range
+/// when the artifact has one.
+fn int8_meta(
     index: usize,
     layer: &LayerTensors,
     pre: &crate::data::Standardizer,
-) -> Option<(Weight, Vec<f32>)> {
+) -> Option<Int8Meta> {
     if !runs_on_int8_kernels(&layer.weight) {
         return None;
     }
     let TensorData::QuantizedInt {
         shape,
-        bits,
         group,
         scales,
         zero_points,
-        data,
         ..
     } = &layer.weight
     else {
@@ -244,38 +255,30 @@ fn int8_layer(
     };
     let per_tensor = *group == n_in * n_out;
     let g = |o: usize| if per_tensor { 0 } else { o };
-    let scale: Vec<f32> = (0..n_out).map(|o| scales[g(o)]).collect();
-    let zero: Vec<f32> = (0..n_out)
-        .map(|o| zero_points.get(g(o)).map_or(0.0, |z| f32::from(*z)))
-        .collect();
-    let mut q = vec![0i8; n_in * n_out];
-    // The standardiser's shift moves into the bias: Σ w·(x − m)/s = Σ (w/s)·x − Σ w·m/s.
-    let mut shift = vec![0f32; n_out];
-    for o in 0..n_out {
-        let mut acc = 0f64;
-        for i in 0..n_in {
-            let v = crate::artifact::quantized_value(data, *bits, o * n_in + i);
-            q[i * n_out + o] = v;
-            if index == 0 {
-                let w = f64::from(scale[o]) * (f64::from(v) - f64::from(zero[o]));
-                acc += w * f64::from(pre.mean[i]) / f64::from(pre.scale[i]);
-            }
-        }
-        shift[o] = acc as f32;
-    }
-    let input_scale = (index == 0).then(|| pre.scale.iter().map(|s| 1.0 / s).collect());
-    Some((
-        Weight::Int8 {
-            w: Int8Weight::from_in_out(&q, n_in, n_out),
-            scale,
-            zero,
-            input_scale,
-            grid: layer
-                .input_range
-                .map(|r| ActivationGrid::spanning(r.min, r.max)),
-        },
-        shift,
-    ))
+    Some(Int8Meta {
+        scale: (0..n_out).map(|o| scales[g(o)]).collect(),
+        zero: (0..n_out)
+            .map(|o| zero_points.get(g(o)).map_or(0.0, |z| f32::from(*z)))
+            .collect(),
+        input_scale: (index == 0).then(|| pre.scale.iter().map(|s| 1.0 / s).collect()),
+        grid: layer
+            .input_range
+            .map(|r| ActivationGrid::spanning(r.min, r.max)),
+    })
+}
+
+/// The codes of dequantized `[n_in][n_out]` weights `wt`: each weight is
+/// `scale[o] · (q − zero[o])` with an integer `q` of at most 8 bits, so `w / scale + zero`
+/// lands within a rounding error of `q` and rounds back to it exactly.
+fn int8_codes(wt: &[f32], n_out: usize, meta: &Int8Meta) -> Vec<i8> {
+    wt.iter()
+        .enumerate()
+        .map(|(k, &w)| {
+            let (s, z) = (meta.scale[k % n_out], meta.zero[k % n_out]);
+            let q = if s > 0.0 { w / s + z } else { z };
+            q.round().clamp(-128.0, 127.0) as i8
+        })
+        .collect()
 }
 
 /// An `f32` layer before the choice of kernels: `wt` is `[n_in][n_out]`.
@@ -285,6 +288,9 @@ struct F32Layer {
     n_out: usize,
     wt: Vec<f32>,
     bias: Vec<f32>,
+    /// For a layer that runs on the integer kernels: `wt` holds its dequantized weights
+    /// (for the first layer without the standardiser, which its inputs get instead).
+    int8: Option<Int8Meta>,
 }
 
 impl F32Layer {
@@ -296,6 +302,9 @@ impl F32Layer {
         }
         self.wt = wt;
         self.n_in = keep.len();
+        if let Some(s) = self.int8.as_mut().and_then(|m| m.input_scale.as_mut()) {
+            *s = keep.iter().map(|&i| s[i]).collect();
+        }
     }
 
     /// Keeps only the listed outputs (in order).
@@ -307,6 +316,10 @@ impl F32Layer {
         self.wt = wt;
         self.bias = keep.iter().map(|&o| self.bias[o]).collect();
         self.n_out = keep.len();
+        if let Some(m) = self.int8.as_mut() {
+            m.scale = keep.iter().map(|&o| m.scale[o]).collect();
+            m.zero = keep.iter().map(|&o| m.zero[o]).collect();
+        }
     }
 }
 
@@ -414,25 +427,14 @@ impl Engine {
         artifact.validate()?;
         let pre = &artifact.preprocessing;
         let mut layers = Vec::with_capacity(artifact.layers.len());
-        // The f32 layers as `[n_in][n_out]` weights and folded biases, before compaction
-        // and the choice of kernels; int8 layers are ready at once.
-        let mut built: Vec<Result<F32Layer, Layer>> = Vec::with_capacity(artifact.layers.len());
+        // Every layer as `[n_in][n_out]` weights and folded biases, before compaction and the
+        // choice of kernels; an integer layer keeps what turns its weights back into codes.
+        let mut built: Vec<F32Layer> = Vec::with_capacity(artifact.layers.len());
         for (index, layer) in artifact.layers.iter().enumerate() {
-            if choice == KernelChoice::Auto
-                && let Some((weight, shift)) = int8_layer(index, layer, pre)
-            {
-                let bias = f32_values(index, "bias", &layer.bias)?;
-                let &[n_out, n_in] = layer.weight.shape() else {
-                    continue;
-                };
-                built.push(Err(Layer {
-                    n_in,
-                    n_out,
-                    weight,
-                    bias: bias.iter().zip(&shift).map(|(b, s)| b - s).collect(),
-                }));
-                continue;
-            }
+            let int8 = match choice {
+                KernelChoice::Auto => int8_meta(index, layer, pre),
+                KernelChoice::DenseOnly => None,
+            };
             let weight_values = f32_values(index, "weight", &layer.weight)?;
             let bias_values = f32_values(index, "bias", &layer.bias)?;
             let (weight, bias) = (weight_values.as_slice(), bias_values.as_slice());
@@ -451,58 +453,62 @@ impl Engine {
                 let row = &weight[o * n_in..(o + 1) * n_in];
                 let mut shift = 0f64;
                 for (i, &w) in row.iter().enumerate() {
-                    let w = if index == 0 {
-                        // Fold standardisation: w·(x - m)/s = (w/s)·x - w·m/s.
+                    wt[i * n_out + o] = if index == 0 {
+                        // Fold standardisation: w·(x - m)/s = (w/s)·x - w·m/s. An integer
+                        // layer keeps w, and its inputs are multiplied by 1/s instead (the
+                        // standardiser cannot be folded into integer weights).
                         let scaled = f64::from(w) / f64::from(pre.scale[i]);
                         shift += scaled * f64::from(pre.mean[i]);
-                        scaled as f32
+                        if int8.is_some() { w } else { scaled as f32 }
                     } else {
                         w
                     };
-                    wt[i * n_out + o] = w;
                 }
                 folded_bias[o] = (f64::from(folded_bias[o]) - shift) as f32;
             }
-            built.push(Ok(F32Layer {
+            built.push(F32Layer {
                 n_in,
                 n_out,
                 wt,
                 bias: folded_bias,
-            }));
+                int8,
+            });
         }
         let n_features = artifact.mlp_config().input;
-        let mut input_map = None;
-        if choice == KernelChoice::Auto
-            && let Some(mut f32_layers) = built
-                .iter()
-                .map(|b| b.as_ref().ok().cloned())
-                .collect::<Option<Vec<F32Layer>>>()
+        let input_map = match choice {
+            KernelChoice::Auto => compact(&mut built),
+            KernelChoice::DenseOnly => None,
+        };
+        for F32Layer {
+            n_in,
+            n_out,
+            wt,
+            bias,
+            int8,
+        } in built
         {
-            input_map = compact(&mut f32_layers);
-            built = f32_layers.into_iter().map(Ok).collect();
-        }
-        for b in built {
-            let F32Layer {
-                n_in,
-                n_out,
-                wt,
-                bias,
-            } = match b {
-                Ok(f) => f,
-                Err(ready) => {
-                    layers.push(ready);
-                    continue;
+            let weight = if let Some(meta) = int8 {
+                // A pruned integer layer runs on the dense integer kernels after compaction:
+                // its zeros cost a byte each there, against 4 bytes and an index for each
+                // non-zero on the sparse f32 kernels.
+                Weight::Int8 {
+                    w: Int8Weight::from_in_out(&int8_codes(&wt, n_out, &meta), n_in, n_out),
+                    scale: meta.scale,
+                    zero: meta.zero,
+                    input_scale: meta.input_scale,
+                    grid: meta.grid,
                 }
-            };
-            let nonzero = wt.iter().filter(|w| **w != 0.0).count();
-            let density = nonzero as f64 / wt.len().max(1) as f64;
-            let weight = if choice == KernelChoice::DenseOnly || density > SPARSE_MAX_DENSITY {
-                Weight::Dense(kernels::pad_columns(&wt, n_in, n_out))
-            } else if density <= ROW_SPARSE_MAX_DENSITY {
-                Weight::Sparse(SparseWeight::from_in_out(&wt, n_in, n_out, true))
             } else {
-                let sparse = SparseWeight::from_in_out(&wt, n_in, n_out, false);
-                Weight::Both(kernels::pad_columns(&wt, n_in, n_out), sparse)
+                let nonzero = wt.iter().filter(|w| **w != 0.0).count();
+                let density = nonzero as f64 / wt.len().max(1) as f64;
+                if choice == KernelChoice::DenseOnly || density > SPARSE_MAX_DENSITY {
+                    Weight::Dense(kernels::pad_columns(&wt, n_in, n_out))
+                } else if density <= ROW_SPARSE_MAX_DENSITY {
+                    Weight::Sparse(SparseWeight::from_in_out(&wt, n_in, n_out, true))
+                } else {
+                    let sparse = SparseWeight::from_in_out(&wt, n_in, n_out, false);
+                    Weight::Both(kernels::pad_columns(&wt, n_in, n_out), sparse)
+                }
             };
             layers.push(Layer {
                 n_in,
@@ -532,7 +538,15 @@ impl Engine {
     pub fn sparse_layers(&self) -> Vec<bool> {
         self.layers
             .iter()
-            .map(|l| !matches!(l.weight, Weight::Dense(_)))
+            .map(|l| matches!(l.weight, Weight::Sparse(_) | Weight::Both(..)))
+            .collect()
+    }
+
+    /// For each layer, whether it runs on the integer kernels (its weights held as codes).
+    pub fn int8_layers(&self) -> Vec<bool> {
+        self.layers
+            .iter()
+            .map(|l| matches!(l.weight, Weight::Int8 { .. }))
             .collect()
     }
 

@@ -457,6 +457,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut quant_rows = Vec::new();
     let mut int8_model = None;
     let mut dynamic_model = None;
+    let mut pruned_int8_model = None;
     let mut breakdowns = Vec::new();
     for (label, input, cfg) in [
         (
@@ -557,6 +558,9 @@ fn main() -> Result<(), Box<dyn Error>> {
             "times_smaller_than_dense": dense_bytes as f64 / bytes as f64,
             "max_weight_error": o.max_weight_error}),
         );
+        if label == "pruned 90 % + int8 per-channel" {
+            pruned_int8_model = Some(o.artifact.clone());
+        }
         if label == "int8 per-channel symmetric" || label.starts_with("pruned 95 % + int8") {
             breakdowns.push((label, o.artifact.byte_breakdown()));
         }
@@ -732,6 +736,46 @@ fn main() -> Result<(), Box<dyn Error>> {
                 .collect::<Vec<_>>()
                 .join(" / ")
         );
+        // The pruned model served from its integer codes against the same pruned model in
+        // f32 on the sparse kernels (both compacted: dead neurons and unread features gone).
+        let mut pruned_engines = json!(null);
+        if let (Some(p8), Some(p32)) = (&pruned_int8_model, &kept) {
+            let f32_engine = Engine::from_artifact(&p32.artifact)?;
+            let int8_engine = Engine::from_artifact(p8)?;
+            let (s1, sb) = time(&f32_engine, &splits, &batch, &args)?;
+            let (i1, ib) = time(&int8_engine, &splits, &batch, &args)?;
+            let (sr, ir) = (
+                f32_engine.resident_weight_bytes(),
+                int8_engine.resident_weight_bytes(),
+            );
+            println!(
+                "
+engine, one thread: 90 % pruned, f32 (sparse kernels) vs + int8 (integer \
+                 kernels {:?}), layers as run {:?}",
+                int8_engine.int8_layers(),
+                int8_engine.layer_shapes()
+            );
+            println!(
+                "{:<40} {:>12} {:>14} {:>14}",
+                "", "row p50 µs", "batch 1000 ms", "weight bytes"
+            );
+            println!("{:<40} {s1:>12.2} {sb:>14.3} {sr:>14}", "90 % pruned, f32");
+            println!(
+                "{:<40} {i1:>12.2} {ib:>14.3} {ir:>14}",
+                "90 % pruned + int8"
+            );
+            println!(
+                "{:<40} {:>12.3} {:>14.3} {:>14.3}",
+                "ratio int8/f32 (< 1: better)",
+                i1 / s1,
+                ib / sb,
+                ir as f64 / sr as f64
+            );
+            pruned_engines = json!({
+                "pruned90_f32": {"row_p50_us": s1, "batch_1000_ms": sb, "resident_bytes": sr},
+                "pruned90_int8": {"row_p50_us": i1, "batch_1000_ms": ib, "resident_bytes": ir,
+                    "int8_layers": int8_engine.int8_layers(), "layers_as_run": int8_engine.layer_shapes()}});
+        }
         println!(
             "(Deep Compression reports 40× for prune + quantize + Huffman on LeNet-300-100; \
              the \"× dense\" column above is lathe's figure on this MLP, whole artifact)"
@@ -750,6 +794,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             "int8_same_class_as_dequantized": agreement[0]["same_class_as_dequantized"],
             "agreement": agreement,
             "test_rows_off_calibrated_range_per_layer": off,
+            "pruned": pruned_engines,
             "int8_activations": "u8 over calibrated ranges (static)"});
     }
     let report = json!({
