@@ -930,3 +930,39 @@ fn prediction(logits: &[f32]) -> Prediction {
         probabilities,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A weight dequantized as the artifact does it (`scale · (q − zero)` in `f32`) turns
+        /// back into exactly its code, for any 8-bit code and zero point and any normal scale.
+        #[test]
+        fn dequantized_weights_turn_back_into_their_exact_codes(
+            cols in proptest::collection::vec(
+                (1e-6f32..10.0, any::<i8>(), proptest::collection::vec(any::<i8>(), 5)),
+                1..8,
+            ),
+        ) {
+            let n_out = cols.len();
+            let meta = Int8Meta {
+                scale: cols.iter().map(|c| c.0).collect(),
+                zero: cols.iter().map(|c| f32::from(c.1)).collect(),
+                input_scale: None,
+                grid: None,
+            };
+            // `[n_in][n_out]`, as the engine holds weights.
+            let mut codes = vec![0i8; 5 * n_out];
+            let mut wt = vec![0f32; 5 * n_out];
+            for (o, (s, z, qs)) in cols.iter().enumerate() {
+                for (i, &q) in qs.iter().enumerate() {
+                    codes[i * n_out + o] = q;
+                    wt[i * n_out + o] = s * (i32::from(q) - i32::from(*z)) as f32;
+                }
+            }
+            prop_assert_eq!(int8_codes(&wt, n_out, &meta), codes);
+        }
+    }
+}
