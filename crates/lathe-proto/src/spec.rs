@@ -898,6 +898,12 @@ impl JobSpec {
                 );
             }
             if let Some(h) = &p.student_hidden {
+                if h.len() > 16 {
+                    bad(
+                        "distill.student_hidden",
+                        format!("at most 16 hidden layers, got {}", h.len()),
+                    );
+                }
                 for (i, w) in h.iter().enumerate() {
                     if *w == 0 || *w > 65_536 {
                         bad(
@@ -907,8 +913,10 @@ impl JobSpec {
                     }
                 }
             }
-            if p.epochs == Some(0) {
-                bad("distill.epochs", "must be at least 1".into());
+            if let Some(e) = p.epochs
+                && !(1..=100_000).contains(&e)
+            {
+                bad("distill.epochs", format!("must be in 1..=100000, got {e}"));
             }
         }
         if let Some(p) = &self.prune {
@@ -924,6 +932,12 @@ impl JobSpec {
                 bad(
                     "prune.steps",
                     format!("must be in 1..=100, got {}", p.steps),
+                );
+            }
+            if p.finetune_epochs > 100_000 {
+                bad(
+                    "prune.finetune_epochs",
+                    format!("must be in 0..=100000, got {}", p.finetune_epochs),
                 );
             }
         }

@@ -198,3 +198,23 @@ fn a_stage_task_is_checked_as_intake_checks_its_spec() {
         "schema_version: must be in 1..=1, got 9"
     );
 }
+
+#[test]
+fn stage_parameters_are_bounded_as_training_is() {
+    // Epochs as many as `train.epochs` allows, and as many student layers as `model.hidden`:
+    // a u32 of epochs would hold a stage worker for good.
+    let spec = br#"{ "name": "d", "dataset": { "source": "builtin:digits" },
+        "pipeline": ["train", "distill", "prune"],
+        "distill": { "epochs": 4000000000, "student_hidden": [8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8] },
+        "prune": { "target_sparsity": 0.5, "finetune_epochs": 4000000000 } }"#;
+    let errs = JobSpec::parse(spec, Format::Json).unwrap_err();
+    let all: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        all,
+        [
+            "distill.student_hidden: at most 16 hidden layers, got 17",
+            "distill.epochs: must be in 1..=100000, got 4000000000",
+            "prune.finetune_epochs: must be in 0..=100000, got 4000000000",
+        ]
+    );
+}
