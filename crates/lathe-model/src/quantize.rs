@@ -123,6 +123,17 @@ impl QuantizeConfig {
         if self.calibration_rows == 0 {
             return bad("calibration_rows", "must be at least 1, got 0".into());
         }
+        // A NaN would pass unseen: `auto`'s budget takes the larger of it and one
+        // validation row, and `f64::max` drops a NaN.
+        if !(0.0..=1.0).contains(&self.max_accuracy_drop) {
+            return bad(
+                "max_accuracy_drop",
+                format!(
+                    "must be a fraction in [0, 1], got {}",
+                    self.max_accuracy_drop
+                ),
+            );
+        }
         Ok(())
     }
 }
@@ -631,6 +642,61 @@ mod tests {
     }
 
     /// A digits MLP with these hidden widths trained for `epochs`, and its splits.
+    #[test]
+    fn bad_settings_are_refused_naming_the_field() {
+        let good = QuantizeConfig {
+            bits: Bits::Auto,
+            granularity: None,
+            group_size: 32,
+            symmetric: true,
+            calibration: Calibration::Percentile(99.99),
+            activations: Activations::Static,
+            calibration_rows: 512,
+            max_accuracy_drop: 0.005,
+        };
+        assert_eq!(good.validate(), Ok(()));
+        let cases = [
+            (
+                QuantizeConfig {
+                    group_size: 0,
+                    ..good
+                },
+                "quantize.group_size must be at least 1, got 0",
+            ),
+            (
+                QuantizeConfig {
+                    calibration: Calibration::Percentile(40.0),
+                    ..good
+                },
+                "quantize.percentile must be in (50, 100], got 40",
+            ),
+            (
+                QuantizeConfig {
+                    calibration_rows: 0,
+                    ..good
+                },
+                "quantize.calibration_rows must be at least 1, got 0",
+            ),
+            (
+                QuantizeConfig {
+                    max_accuracy_drop: f64::NAN,
+                    ..good
+                },
+                "quantize.max_accuracy_drop must be a fraction in [0, 1], got NaN",
+            ),
+            (
+                QuantizeConfig {
+                    max_accuracy_drop: 1.5,
+                    ..good
+                },
+                "quantize.max_accuracy_drop must be a fraction in [0, 1], got 1.5",
+            ),
+        ];
+        for (cfg, message) in cases {
+            assert_eq!(cfg.validate().unwrap_err().to_string(), message);
+        }
+    }
+
     fn trained_digits(hidden: Vec<usize>, epochs: usize) -> (Artifact, Splits) {
         use crate::data::{builtin, split};
         use crate::mlp::MlpConfig;
