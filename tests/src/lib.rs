@@ -287,21 +287,10 @@ pub async fn events_of(res: &Resources, job: JobId) -> Vec<JobEvent> {
 /// not yet mean its last event is stored.
 pub async fn events_of_ended(res: &Resources, job: JobId, timeout: Duration) -> Vec<JobEvent> {
     use lathe_proto::EventKind::{Completed, Failed, Rejected};
-    let deadline = Instant::now() + timeout;
-    loop {
-        let events = events_of(res, job).await;
-        if events
-            .iter()
-            .any(|e| matches!(e.kind, Completed | Failed | Rejected))
-        {
-            return events;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job {job}: no last event within {timeout:?}: {events:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_events(res, job, timeout, "last", |e| {
+        matches!(e.kind, Completed | Failed | Rejected)
+    })
+    .await
 }
 
 /// The first event of a kind, waiting for it.
@@ -311,18 +300,31 @@ pub async fn wait_event(
     kind: lathe_proto::EventKind,
     timeout: Duration,
 ) -> JobEvent {
+    let events = wait_events(res, job, timeout, &format!("{kind:?}"), |e| e.kind == kind).await;
+    events
+        .into_iter()
+        .find(|e| e.kind == kind)
+        .expect("wait_events returned once it was there")
+}
+
+/// Every stored event of a job once one of them is `wanted` (called `what` in the panic
+/// when none is within `timeout`).
+async fn wait_events(
+    res: &Resources,
+    job: JobId,
+    timeout: Duration,
+    what: &str,
+    wanted: impl Fn(&JobEvent) -> bool,
+) -> Vec<JobEvent> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(e) = events_of(res, job)
-            .await
-            .into_iter()
-            .find(|e| e.kind == kind)
-        {
-            return e;
+        let events = events_of(res, job).await;
+        if events.iter().any(&wanted) {
+            return events;
         }
         assert!(
             Instant::now() < deadline,
-            "job {job}: no {kind:?} event within {timeout:?}"
+            "job {job}: no {what} event within {timeout:?}: {events:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

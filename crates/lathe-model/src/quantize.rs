@@ -641,7 +641,6 @@ mod tests {
         );
     }
 
-    /// A digits MLP with these hidden widths trained for `epochs`, and its splits.
     #[test]
     fn bad_settings_are_refused_naming_the_field() {
         let good = QuantizeConfig {
@@ -697,6 +696,7 @@ mod tests {
         }
     }
 
+    /// A digits MLP with these hidden widths trained for `epochs`, and its splits.
     fn trained_digits(hidden: Vec<usize>, epochs: usize) -> (Artifact, Splits) {
         use crate::data::{builtin, split};
         use crate::mlp::MlpConfig;

@@ -278,19 +278,7 @@ async fn handle<H: StageHandler>(res: Resources, handler: Arc<H>, msg: jetstream
         })
     };
     if let Some(reason) = refusal {
-        tracing::warn!(stage = stage.as_str(), %subject, %reason, "Dead-lettering");
-        fail_job(&res, &task, &reason).await;
-        dead_letter(
-            &res,
-            stage.as_str(),
-            &subject,
-            Some(job),
-            Some(task.step),
-            &reason,
-            delivered,
-            &payload,
-        )
-        .await;
+        give_up(&res, stage, &task, &subject, &reason, delivered, &payload).await;
         let _ = acker.ack_with(AckKind::Term).await;
         return;
     }
@@ -476,11 +464,11 @@ async fn handle<H: StageHandler>(res: Resources, handler: Arc<H>, msg: jetstream
                     }
                     StageError::Retryable(reason) => {
                         let reason = format!("{reason} (gave up after {delivered} deliveries)");
-                        give_up(&res, &task, &subject, &reason, delivered, &payload).await;
+                        give_up(&res, stage, &task, &subject, &reason, delivered, &payload).await;
                         let _ = acker.ack_with(AckKind::Term).await;
                     }
                     StageError::Permanent(reason) => {
-                        give_up(&res, &task, &subject, &reason, delivered, &payload).await;
+                        give_up(&res, stage, &task, &subject, &reason, delivered, &payload).await;
                         let _ = acker.ack_with(AckKind::Term).await;
                     }
                 }
@@ -672,20 +660,23 @@ pub async fn publish_task(
     .await
 }
 
-/// The task will not be retried: fail the job and keep the task where operators look.
+/// The task will not be retried: fail the job and keep the task where operators look, under
+/// `stage`, the work subject's (a misrouted task names another).
+#[allow(clippy::too_many_arguments)]
 async fn give_up(
     res: &Resources,
+    stage: Stage,
     task: &StageTask,
     subject: &str,
     reason: &str,
     delivered: u64,
     payload: &[u8],
 ) {
-    tracing::error!(%reason, "Task failed for good; job failed");
+    tracing::error!(stage = stage.as_str(), %subject, %reason, "Task failed for good; job failed");
     fail_job(res, task, reason).await;
     dead_letter(
         res,
-        task.stage.as_str(),
+        stage.as_str(),
         subject,
         Some(task.job_id),
         Some(task.step),

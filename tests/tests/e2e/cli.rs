@@ -22,10 +22,7 @@ async fn a_reader_that_stops_early_ends_the_listing_quietly_with_success() {
         &["status", &job.to_string()],
     ] {
         // `lathe jobs | head -0`: the reader closes its end before the command writes.
-        let mut child = Command::new(bin_dir().join("lathe"))
-            .args(args)
-            .env("NATS_URL", s.server.url())
-            .env("RUST_LOG", "warn")
+        let mut child = lathe(&s.server.url(), args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -102,10 +99,7 @@ async fn watch_answers_from_the_record_once_a_jobs_events_have_expired() {
 async fn watch_says_so_when_a_job_has_no_record_yet_and_waits_for_it() {
     let s = stack().await;
     let job = lathe_proto::JobId::new();
-    let mut child = Command::new(bin_dir().join("lathe"))
-        .args(["watch", &job.to_string()])
-        .env("NATS_URL", s.server.url())
-        .env("RUST_LOG", "warn")
+    let mut child = lathe(&s.server.url(), &["watch", &job.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -146,13 +140,17 @@ async fn watch_says_so_when_a_job_has_no_record_yet_and_waits_for_it() {
     trainer.stop().await;
 }
 
+/// `lathe <args>` against the server at `url`, logging only warnings.
+fn lathe(url: &str, args: &[impl AsRef<std::ffi::OsStr>]) -> Command {
+    let mut cmd = Command::new(bin_dir().join("lathe"));
+    cmd.args(args).env("NATS_URL", url).env("RUST_LOG", "warn");
+    cmd
+}
+
 /// Runs `lathe <args>` against `url` to its end: its output. One still running after 30 s is
 /// killed (and its status says so), so a test fails rather than hangs.
 async fn run_lathe(url: &str, args: Vec<String>) -> std::process::Output {
-    let child = Command::new(bin_dir().join("lathe"))
-        .args(&args)
-        .env("NATS_URL", url)
-        .env("RUST_LOG", "warn")
+    let child = lathe(url, &args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
