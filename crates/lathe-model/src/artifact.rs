@@ -1,12 +1,12 @@
 //! The model artifact: what a pipeline stage writes and the deployer serves, and its byte
-//! format (version 2; version 1 is still read).
+//! format (versions 2 and 3; version 1 is still read).
 //!
 //! # Byte layout
 //!
 //! | bytes | content |
 //! |---|---|
 //! | 8 | magic `LATHEART` |
-//! | 2 | format version, little-endian `u16` (= 2) |
+//! | 2 | format version, little-endian `u16` (2, or 3 when a tensor has groups per row) |
 //! | 1 | body encoding: 0 = MessagePack, 1 = zstd-compressed MessagePack |
 //! | 8 | body length in bytes, little-endian `u64` |
 //! | n | body: the [`Artifact`] as MessagePack with named fields (rmp-serde) |
@@ -34,6 +34,11 @@
 //! reference; version 2 keeps per-feature quantile bins ([`DriftReference`]), and a
 //! version-1 reference is converted to them when read.
 //!
+//! Version 3 is version 2 plus one field, `row_groups`, on quantized tensors whose groups of
+//! scales restart at every row; the writer stamps 3 only on an artifact with such a tensor
+//! ([`Artifact::format_version`]), so a version-2 build reads everything else and refuses
+//! that, instead of reading its groups as running over the row-major elements.
+//!
 //! Tensors are an enum ([`TensorData`]); a reader that meets a variant it does not know
 //! reports a malformed body instead of misreading it.
 
@@ -48,8 +53,9 @@ use crate::mlp::MlpConfig;
 
 /// The first bytes of every artifact.
 pub const MAGIC: &[u8; 8] = b"LATHEART";
-/// The newest format version this build reads and the one it writes.
-pub const FORMAT_VERSION: u16 = 2;
+/// The newest format version this build reads. It writes the oldest version an artifact
+/// needs ([`Artifact::format_version`]): 2, or 3 for groups of scales per row.
+pub const FORMAT_VERSION: u16 = 3;
 /// The oldest format version this build still reads.
 pub const OLDEST_READABLE_VERSION: u16 = 1;
 /// The number of quantile bins [`DriftReference`] aims at per feature (fewer when values
@@ -135,16 +141,21 @@ pub enum TensorData {
     },
     /// Integer-quantized values: `value = scale · (q − zero_point)`, with one scale (and
     /// zero point) per `group` consecutive row-major elements — `group` = the row length is
-    /// per output channel, = the element count is per tensor. 8-bit values are one `i8` a
-    /// byte; 4-bit values (−8…7) are packed two a byte, the first in the low nibble. When
-    /// `sparse`, only the elements at `indices` are stored (the rest are exactly 0.0), for a
-    /// pruned and quantized weight.
+    /// per output channel, = the element count is per tensor — or, with `row_groups`, per
+    /// `group` consecutive elements of each row (the last group of a row shorter; see
+    /// [`scale_index`]). 8-bit values are one `i8` a byte; 4-bit values (−8…7) are packed two
+    /// a byte, the first in the low nibble. When `sparse`, only the elements at `indices` are
+    /// stored (the rest are exactly 0.0), for a pruned and quantized weight.
     QuantizedInt {
         shape: Vec<usize>,
         /// 8 or 4.
         bits: u8,
         /// Elements per scale.
         group: usize,
+        /// Whether groups restart at every row (format version 3): set only where that
+        /// differs from groups over the row-major elements, i.e. where `group` is shorter
+        /// than a row and does not divide it (a pruned layer 255 inputs wide, groups of 32).
+        row_groups: bool,
         scales: Vec<f32>,
         /// One per scale; empty for symmetric quantization (zero point 0).
         zero_points: Vec<i8>,
@@ -155,6 +166,31 @@ pub enum TensorData {
         /// The quantized values, packed.
         data: Vec<u8>,
     },
+}
+
+/// The scale (and zero point) index of the element at row-major `position` of a quantized
+/// tensor whose rows are `cols` long: `position / group`, or with `row_groups`
+/// `row · ⌈cols / group⌉ + col / group`.
+pub fn scale_index(position: usize, group: usize, cols: usize, row_groups: bool) -> usize {
+    let group = group.max(1);
+    if row_groups {
+        let cols = cols.max(1);
+        (position / cols) * cols.div_ceil(group) + (position % cols) / group
+    } else {
+        position / group
+    }
+}
+
+/// The number of scales of a quantized tensor of `elements` in rows of `cols` (see
+/// [`scale_index`]).
+pub fn scale_count(elements: usize, group: usize, cols: usize, row_groups: bool) -> usize {
+    let group = group.max(1);
+    if row_groups {
+        let cols = cols.max(1);
+        (elements / cols) * cols.div_ceil(group)
+    } else {
+        elements.div_ceil(group)
+    }
 }
 
 /// The `k`-th signed value of packed quantized data.
@@ -268,19 +304,21 @@ impl TensorData {
                 dense
             }
             TensorData::QuantizedInt {
+                shape,
                 bits,
                 group,
+                row_groups,
                 scales,
                 zero_points,
                 sparse,
                 indices,
                 data,
-                ..
             } => {
                 let n = self.element_count();
+                let cols = shape.last().copied().unwrap_or(1);
                 let mut dense = vec![0f32; n];
                 let value = |k: usize, position: usize| {
-                    let g = position / (*group).max(1);
+                    let g = scale_index(position, *group, cols, *row_groups);
                     let q = i32::from(quantized_value(data, *bits, k));
                     let z = zero_points.get(g).map_or(0, |z| i32::from(*z));
                     scales.get(g).map_or(0.0, |s| s * (q - z) as f32)
@@ -395,6 +433,7 @@ impl TensorData {
                 shape,
                 bits,
                 group,
+                row_groups,
                 scales,
                 zero_points,
                 sparse,
@@ -411,7 +450,11 @@ impl TensorData {
                 if *group == 0 {
                     return Err(invalid(field, "group of 0 elements per scale"));
                 }
-                let groups = elements.div_ceil(*group);
+                let cols = shape.last().copied().unwrap_or(0);
+                if *row_groups && cols == 0 {
+                    return Err(invalid(field, "groups per row of a tensor without rows"));
+                }
+                let groups = scale_count(elements, *group, cols, *row_groups);
                 if scales.len() != groups {
                     return Err(invalid(
                         field,
@@ -813,6 +856,9 @@ enum StoredTensor {
         shape: Vec<usize>,
         bits: u8,
         group: usize,
+        /// Written only when true, in a version-3 file (see [`Artifact::format_version`]).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        row_groups: bool,
         #[serde(with = "byte_vec")]
         scales: Vec<u8>,
         zero_points: Vec<i8>,
@@ -900,6 +946,7 @@ impl TensorData {
                 shape,
                 bits,
                 group,
+                row_groups,
                 scales,
                 zero_points,
                 sparse,
@@ -909,6 +956,7 @@ impl TensorData {
                 shape: shape.clone(),
                 bits: *bits,
                 group: *group,
+                row_groups: *row_groups,
                 scales: encode_f32(scales),
                 zero_points: zero_points.clone(),
                 sparse: *sparse,
@@ -965,6 +1013,7 @@ impl<'de> Deserialize<'de> for TensorData {
                 shape,
                 bits,
                 group,
+                row_groups,
                 scales,
                 zero_points,
                 sparse,
@@ -986,6 +1035,7 @@ impl<'de> Deserialize<'de> for TensorData {
                     shape,
                     bits,
                     group,
+                    row_groups,
                     scales: f32s(&scales, "quantization scales")?,
                     zero_points,
                     sparse,
@@ -1063,6 +1113,7 @@ mod v1 {
                     shape,
                     bits,
                     group,
+                    row_groups: false,
                     scales,
                     zero_points,
                     sparse,
@@ -1213,12 +1264,13 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ArtifactError
     }
 }
 
-/// Frames a body as an artifact file, zstd-compressing it when that is smaller.
-fn seal(body: &[u8]) -> Vec<u8> {
+/// Frames a body as an artifact file of the given format version, zstd-compressing it when
+/// that is smaller.
+fn seal(version: u16, body: &[u8]) -> Vec<u8> {
     let compressed = zstd::encode_all(body, ZSTD_LEVEL).ok();
     match &compressed {
-        Some(c) if c.len() < body.len() => frame(ENCODING_ZSTD_MSGPACK, c),
-        _ => frame(ENCODING_MSGPACK, body),
+        Some(c) if c.len() < body.len() => frame_version(version, ENCODING_ZSTD_MSGPACK, c),
+        _ => frame_version(version, ENCODING_MSGPACK, body),
     }
 }
 
@@ -1226,9 +1278,14 @@ fn seal(body: &[u8]) -> Vec<u8> {
 /// length, the body as given, and the SHA-256 of all of it (module docs). The writer's own
 /// framing; public so that tools (the fuzz target) can seal bodies they made or damaged.
 pub fn frame(encoding: u8, body: &[u8]) -> Vec<u8> {
+    frame_version(FORMAT_VERSION, encoding, body)
+}
+
+/// [`frame`] with the given format version.
+fn frame_version(version: u16, encoding: u8, body: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_LEN + body.len() + DIGEST_LEN);
     bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&version.to_le_bytes());
     bytes.push(encoding);
     bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
     bytes.extend_from_slice(body);
@@ -1479,7 +1536,7 @@ impl Artifact {
             encoded_len(&self.feature_names) + encoded_len(&self.class_labels),
         ));
         let body = self.body();
-        let total = seal(&body).len();
+        let total = seal(self.format_version(), &body).len();
         let stored_body = total - HEADER_LEN - DIGEST_LEN;
         if stored_body < body.len() {
             // zstd shrank the body: scale the parts to what they take in it.
@@ -1495,7 +1552,29 @@ impl Artifact {
 
     /// Encodes the artifact in the current byte format (see the module docs).
     pub fn to_bytes(&self) -> Vec<u8> {
-        seal(&self.body())
+        seal(self.format_version(), &self.body())
+    }
+
+    /// The version this artifact is written as: the oldest whose readers read it right, so
+    /// that a build one version behind still reads every artifact that needs nothing newer.
+    /// Version 3 added groups of scales that restart at every row (`row_groups`); a version-2
+    /// reader would take them for groups over the row-major elements, and refuses the file
+    /// instead.
+    pub fn format_version(&self) -> u16 {
+        let row_groups = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.weight, &l.bias])
+            .any(|t| {
+                matches!(
+                    t,
+                    TensorData::QuantizedInt {
+                        row_groups: true,
+                        ..
+                    }
+                )
+            });
+        if row_groups { 3 } else { 2 }
     }
 
     /// The body: the artifact as MessagePack with named fields.
@@ -1596,7 +1675,14 @@ fn decode_body(body: &[u8], version: u16) -> Result<Artifact, ArtifactError> {
             .into_artifact()
             .map_err(|reason| malformed(format!("version 1 body: {reason}")));
     }
-    rmp_serde::from_slice(body).map_err(|e| malformed(e.to_string()))
+    let artifact: Artifact = rmp_serde::from_slice(body).map_err(|e| malformed(e.to_string()))?;
+    if artifact.format_version() > version {
+        return Err(malformed(format!(
+            "groups of scales per row need format version {}, the file says {version}",
+            artifact.format_version()
+        )));
+    }
+    Ok(artifact)
 }
 
 /// Serde for a `Vec<u8>` as one byte string (MessagePack `bin`) rather than an array.
@@ -2089,9 +2175,9 @@ mod tests {
         assert_eq!(reference.predicted_class_frequencies, vec![0.4, 0.6]);
         assert_eq!(reference.features[1].edges, vec![0.0, 1.0, 2.0, 3.0]);
         assert_eq!(reference.features[2].edges, vec![0.5]);
-        // Written again, it is a version-2 artifact with the same content.
+        // Written again, it is a version-2 artifact (nothing in it needs version 3) with the same content.
         let again = artifact.to_bytes();
-        assert_eq!(u16::from_le_bytes([again[8], again[9]]), FORMAT_VERSION);
+        assert_eq!(u16::from_le_bytes([again[8], again[9]]), 2);
         assert_eq!(Artifact::from_bytes(&again).unwrap(), artifact);
     }
 

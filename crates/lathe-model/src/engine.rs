@@ -32,9 +32,9 @@
 
 use std::cell::RefCell;
 
-use crate::artifact::{Artifact, ArtifactError, LayerTensors, TensorData};
+use crate::artifact::{Artifact, ArtifactError, LayerTensors, TensorData, scale_index};
 use crate::kernels::{
-    self, ActivationGrid, Int8Weight, PaddedWeight, RowQuant, RowScratch, SPARSE_LANES,
+    self, ActivationGrid, Int8Scratch, Int8Weight, PaddedWeight, RowScratch, SPARSE_LANES,
     SparseWeight,
 };
 
@@ -53,23 +53,14 @@ pub const SPARSE_MAX_DENSITY: f64 = 0.35;
 pub const ROW_SPARSE_MAX_DENSITY: f64 = 0.02;
 
 thread_local! {
-    /// Per-thread scratch for int8 layers: the quantized activations, the integer sums,
-    /// the list of non-zero input groups and each row's quantization. Reused between calls.
+    /// Per-thread scratch for int8 layers (quantized activations, integer sums, ...),
+    /// reused between calls.
     static INT8_SCRATCH: RefCell<Int8Scratch> = RefCell::default();
 
     /// Per-thread scratch for single-row requests: activations of two consecutive layers
     /// and the kernel's list of non-zero inputs, kept between calls so a request allocates
     /// nothing but its answer.
     static ROW_SCRATCH: RefCell<(Vec<f32>, Vec<f32>, RowScratch)> = RefCell::default();
-}
-
-/// See `INT8_SCRATCH`.
-#[derive(Default)]
-struct Int8Scratch {
-    xq: Vec<u8>,
-    acc: Vec<i32>,
-    active: Vec<u32>,
-    quants: Vec<RowQuant>,
 }
 
 /// Rows per GEMM call in the batch path: the hidden activations of a chunk stay in the L2
@@ -129,14 +120,17 @@ enum Weight {
     Sparse(SparseWeight),
     /// Both: dense for single rows, sparse for batches.
     Both(PaddedWeight, SparseWeight),
-    /// Int8 weights with a scale and zero point per output (the weight is
-    /// `scale[o] · (q − zero[o])`), run as `u8 × i8` dot products with `i32` sums: each
-    /// row's activations are quantized to `u8` on the fly, over the layer's calibrated
-    /// range (static) or the row's own (dynamic), so the weights stay one byte each in
-    /// memory and in the kernel. See `kernels::int8_dot`.
+    /// Int8 weights with a scale and zero point per output and segment of inputs (one
+    /// segment unless the scales are grouped; the weight is `scale[s][o] · (q − zero[s][o])`),
+    /// run as `u8 × i8` dot products with `i32` sums: each row's activations are quantized
+    /// to `u8` on the fly, over the layer's calibrated range (static) or the row's own
+    /// (dynamic), so the weights stay one byte each in memory and in the kernel. See
+    /// `kernels::int8_layer`.
     Int8 {
         w: Int8Weight,
+        /// `[segment][n_out]`.
         scale: Vec<f32>,
+        /// `[segment][n_out]`.
         zero: Vec<f32>,
         /// For the first layer: `1 / standardiser scale` per input, applied to each request
         /// before quantization (the standardiser cannot be folded into integer weights).
@@ -149,7 +143,6 @@ enum Weight {
 impl Weight {
     /// Runs an int8 layer on `rows` rows of `x` into `y` (row-major); `None` when the
     /// weight is not int8.
-    #[allow(clippy::too_many_arguments)]
     fn run_int8(
         &self,
         bias: &[f32],
@@ -169,46 +162,47 @@ impl Weight {
             return None;
         };
         INT8_SCRATCH.with(|cell| {
-            let mut guard = cell.borrow_mut();
-            let Int8Scratch {
-                xq,
-                acc,
-                active,
-                quants,
-            } = &mut *guard;
-            let stride = w.row_stride();
-            xq.resize(rows * stride, 0);
-            quants.clear();
-            for (row, q) in x.chunks_exact(w.n_in).zip(xq.chunks_exact_mut(stride)) {
-                quants.push(kernels::quantize_row(row, input_scale.as_deref(), *grid, q));
-            }
-            let groups = if rows == 1 {
-                kernels::active_groups(xq, active);
-                Some(active.as_slice())
-            } else {
-                None
-            };
-            kernels::int8_dot(w, xq, rows, groups, acc);
-            let pad = acc.len() / rows.max(1);
-            for ((sums, out), quant) in acc
-                .chunks_exact(pad.max(1))
-                .zip(y.chunks_exact_mut(w.n_out))
-                .zip(quants.iter())
-            {
-                kernels::int8_finish_row(w, sums, *quant, scale, zero, bias, out, relu);
-            }
+            kernels::int8_layer(
+                w,
+                scale,
+                zero,
+                input_scale.as_deref(),
+                *grid,
+                bias,
+                x,
+                rows,
+                y,
+                relu,
+                &mut cell.borrow_mut(),
+            );
         });
         Some(())
     }
 }
 
+/// The shortest run of inputs sharing a scale (see [`segment_length`]) that a layer with
+/// grouped scales runs on the integer kernels with: each run costs a scale, a zero point and
+/// an integer sum per output (12 bytes), against a byte per code, so shorter runs would hold
+/// more bytes than the float weights. A layer whose rows share one scale always qualifies.
+pub const MIN_INT8_SEGMENT: usize = 8;
+
 /// Whether the engine runs a layer with this weight on the integer kernels (quantizing its
-/// input): quantized weights with one scale per output or per tensor, stored dense or
-/// sparse (a pruned model's). Grouped ones are dequantized onto the `f32` kernels at load.
+/// input): a quantized weight with one scale per tensor, per output, or per group of weights
+/// whose boundaries leave runs of at least [`MIN_INT8_SEGMENT`] inputs in every row, stored
+/// dense or sparse (a pruned model's). Other grouped weights are dequantized onto the `f32`
+/// kernels at load.
 pub fn runs_on_int8_kernels(weight: &TensorData) -> bool {
     match weight {
-        TensorData::QuantizedInt { shape, group, .. } => match shape.as_slice() {
-            &[n_out, n_in] => *group == n_in * n_out || *group == n_in,
+        TensorData::QuantizedInt {
+            shape,
+            group,
+            row_groups,
+            ..
+        } => match shape.as_slice() {
+            &[_, n_in] => {
+                let d = segment_length(*group, n_in, *row_groups);
+                d == n_in || d >= MIN_INT8_SEGMENT
+            }
             _ => false,
         },
         _ => false,
@@ -216,11 +210,17 @@ pub fn runs_on_int8_kernels(weight: &TensorData) -> bool {
 }
 
 /// What an integer layer keeps beside its dequantized weights until its kernels are chosen
-/// (after compaction, which drops inputs and outputs): per output the scale and zero point
-/// that turn each weight back into its exact code.
+/// (after compaction, which drops inputs and outputs): per segment of inputs and output the
+/// scale and zero point that turn each weight back into its exact code.
 #[derive(Debug, Clone)]
 struct Int8Meta {
+    /// Segments of inputs that share each output's scale (see [`segments`]).
+    n_seg: usize,
+    /// Each input's segment.
+    segment: Vec<u32>,
+    /// `[segment][n_out]`.
     scale: Vec<f32>,
+    /// `[segment][n_out]`.
     zero: Vec<f32>,
     /// For the first layer: `1 / standardiser scale` per input (see `Weight::Int8`).
     input_scale: Option<Vec<f32>>,
@@ -228,8 +228,27 @@ struct Int8Meta {
     grid: Option<ActivationGrid>,
 }
 
-/// The integer form of a quantized artifact weight with one scale per output (or per
-/// tensor), dense or sparse storage, or `None` when it needs another form (see
+/// The length of the runs of inputs that share each output's scale when one scale covers
+/// `group` consecutive weights of a row-major `[n_out][n_in]` tensor: with `row_groups`,
+/// `group` (the last run of a row shorter); else the whole row when `group` is a multiple
+/// of `n_in` (per tensor, per channel, whole rows), and otherwise the greatest common
+/// divisor of the two: a row starts at a multiple of that length and so does every group,
+/// so no run crosses a group's boundary.
+fn segment_length(group: usize, n_in: usize, row_groups: bool) -> usize {
+    let (mut a, mut b) = (group.max(1), n_in.max(1));
+    if row_groups {
+        return a.min(b);
+    }
+    if a % b == 0 {
+        return b;
+    }
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// The integer form of a quantized artifact weight, or `None` when it is not one (see
 /// [`runs_on_int8_kernels`]). Its inputs are quantized over the layer's calibrated range
 /// when the artifact has one.
 fn int8_meta(
@@ -243,6 +262,7 @@ fn int8_meta(
     let TensorData::QuantizedInt {
         shape,
         group,
+        row_groups,
         scales,
         zero_points,
         ..
@@ -253,13 +273,23 @@ fn int8_meta(
     let &[n_out, n_in] = shape.as_slice() else {
         return None;
     };
-    let per_tensor = *group == n_in * n_out;
-    let g = |o: usize| if per_tensor { 0 } else { o };
+    let d = segment_length(*group, n_in, *row_groups);
+    let n_seg = n_in.div_ceil(d).max(1);
+    // The scale index of segment s of output o: the group holding its first weight.
+    let at = |s: usize, o: usize| scale_index(o * n_in + s * d, *group, n_in, *row_groups);
+    let mut scale = Vec::with_capacity(n_seg * n_out);
+    let mut zero = Vec::with_capacity(n_seg * n_out);
+    for s in 0..n_seg {
+        for o in 0..n_out {
+            scale.push(scales.get(at(s, o)).copied().unwrap_or(1.0));
+            zero.push(zero_points.get(at(s, o)).map_or(0.0, |z| f32::from(*z)));
+        }
+    }
     Some(Int8Meta {
-        scale: (0..n_out).map(|o| scales[g(o)]).collect(),
-        zero: (0..n_out)
-            .map(|o| zero_points.get(g(o)).map_or(0.0, |z| f32::from(*z)))
-            .collect(),
+        n_seg,
+        segment: (0..n_in).map(|i| (i / d) as u32).collect(),
+        scale,
+        zero,
         input_scale: (index == 0).then(|| pre.scale.iter().map(|s| 1.0 / s).collect()),
         grid: layer
             .input_range
@@ -268,13 +298,15 @@ fn int8_meta(
 }
 
 /// The codes of dequantized `[n_in][n_out]` weights `wt`: each weight is
-/// `scale[o] · (q − zero[o])` with an integer `q` of at most 8 bits, so `w / scale + zero`
-/// lands within a rounding error of `q` and rounds back to it exactly.
+/// `scale[s][o] · (q − zero[s][o])` (`s` its input's segment) with an integer `q` of at most
+/// 8 bits, so `w / scale + zero` lands within a rounding error of `q` and rounds back to it
+/// exactly.
 fn int8_codes(wt: &[f32], n_out: usize, meta: &Int8Meta) -> Vec<i8> {
     wt.iter()
         .enumerate()
         .map(|(k, &w)| {
-            let (s, z) = (meta.scale[k % n_out], meta.zero[k % n_out]);
+            let at = meta.segment[k / n_out] as usize * n_out + k % n_out;
+            let (s, z) = (meta.scale[at], meta.zero[at]);
             let q = if s > 0.0 { w / s + z } else { z };
             q.round().clamp(-128.0, 127.0) as i8
         })
@@ -302,8 +334,11 @@ impl F32Layer {
         }
         self.wt = wt;
         self.n_in = keep.len();
-        if let Some(s) = self.int8.as_mut().and_then(|m| m.input_scale.as_mut()) {
-            *s = keep.iter().map(|&i| s[i]).collect();
+        if let Some(m) = self.int8.as_mut() {
+            m.segment = keep.iter().map(|&i| m.segment[i]).collect();
+            if let Some(s) = m.input_scale.as_mut() {
+                *s = keep.iter().map(|&i| s[i]).collect();
+            }
         }
     }
 
@@ -315,10 +350,16 @@ impl F32Layer {
         }
         self.wt = wt;
         self.bias = keep.iter().map(|&o| self.bias[o]).collect();
+        let n_out = self.n_out.max(1);
         self.n_out = keep.len();
         if let Some(m) = self.int8.as_mut() {
-            m.scale = keep.iter().map(|&o| m.scale[o]).collect();
-            m.zero = keep.iter().map(|&o| m.zero[o]).collect();
+            let by_segment = |v: &[f32]| -> Vec<f32> {
+                v.chunks_exact(n_out)
+                    .flat_map(|row| keep.iter().map(|&o| row[o]))
+                    .collect()
+            };
+            m.scale = by_segment(&m.scale);
+            m.zero = by_segment(&m.zero);
         }
     }
 }
@@ -492,7 +533,13 @@ impl Engine {
                 // its zeros cost a byte each there, against 4 bytes and an index for each
                 // non-zero on the sparse f32 kernels.
                 Weight::Int8 {
-                    w: Int8Weight::from_in_out(&int8_codes(&wt, n_out, &meta), n_in, n_out),
+                    w: Int8Weight::with_segments(
+                        &int8_codes(&wt, n_out, &meta),
+                        n_in,
+                        n_out,
+                        &meta.segment,
+                        meta.n_seg,
+                    ),
                     scale: meta.scale,
                     zero: meta.zero,
                     input_scale: meta.input_scale,
@@ -859,8 +906,8 @@ fn f32_values(
     data: &TensorData,
 ) -> Result<Vec<f32>, EngineError> {
     match data {
-        // Quantized storage the int8 kernels cannot take (grouped scales, sparse) is
-        // dequantized here and runs on the f32 kernels.
+        // Quantized storage is dequantized here too: compaction reads the dequantized
+        // weights, and an integer layer's kept weights are turned back into their codes.
         TensorData::DenseF32 { .. }
         | TensorData::SparseF32 { .. }
         | TensorData::QuantizedInt { .. } => Ok(data.to_dense_values()),
@@ -948,6 +995,8 @@ mod tests {
         ) {
             let n_out = cols.len();
             let meta = Int8Meta {
+                n_seg: 1,
+                segment: vec![0; 5],
                 scale: cols.iter().map(|c| c.0).collect(),
                 zero: cols.iter().map(|c| f32::from(c.1)).collect(),
                 input_scale: None,

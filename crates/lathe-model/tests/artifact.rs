@@ -108,7 +108,8 @@ fn an_artifact_round_trips_exactly() {
     let artifact = sample_artifact();
     let bytes = artifact.to_bytes();
     assert_eq!(&bytes[..8], b"LATHEART");
-    assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), FORMAT_VERSION);
+    // A float artifact needs nothing newer than version 2.
+    assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), 2);
     let back = Artifact::from_bytes(&bytes).expect("decodes");
     assert_eq!(back, artifact);
     assert_eq!(back.to_bytes(), bytes, "encoding is deterministic");
@@ -205,10 +206,13 @@ fn damaged_artifacts_are_rejected_with_distinct_errors() {
     check_decode_error(b"{\"json\": true}", "not a lathe artifact");
 
     let mut newer = bytes.clone();
-    newer[8..10].copy_from_slice(&3u16.to_le_bytes());
+    newer[8..10].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
     check_decode_error(
         &newer,
-        "artifact format version 3 is newer than this build supports (2)",
+        &format!(
+            "artifact format version {} is newer than this build supports ({FORMAT_VERSION})",
+            FORMAT_VERSION + 1
+        ),
     );
     let mut zero = bytes.clone();
     zero[8..10].copy_from_slice(&0u16.to_le_bytes());
@@ -419,7 +423,52 @@ fn written_artifacts() -> Vec<(&'static str, Artifact)> {
             "int8-sparse",
             convert(&|shape, v| quantize_tensor(shape.to_vec(), v, 8, shape[1], true, true)),
         ),
+        (
+            "int8-row-groups",
+            convert(&|shape, v| quantize_tensor(shape.to_vec(), v, 8, 4, true, false)),
+        ),
     ]
+}
+
+/// Groups of scales that restart at every row (a group shorter than a row that does not
+/// divide it) need format version 3; everything else is still written as version 2, which
+/// a build one version behind reads. A version-2 file that holds such groups is refused,
+/// not read as groups running across rows.
+#[test]
+fn only_groups_per_row_are_written_as_version_3() {
+    let version = |bytes: &[u8]| u16::from_le_bytes([bytes[8], bytes[9]]);
+    for (kind, artifact) in written_artifacts() {
+        let row_groups = artifact.layers.iter().any(|l| {
+            matches!(
+                l.weight,
+                TensorData::QuantizedInt {
+                    row_groups: true,
+                    ..
+                }
+            )
+        });
+        // Groups of 2 and 4 restart at every row of the 5- and 6-input layers.
+        assert_eq!(
+            row_groups,
+            kind.ends_with("groups") || kind.ends_with("grouped"),
+            "{kind}"
+        );
+        let bytes = artifact.to_bytes();
+        assert_eq!(version(&bytes), if row_groups { 3 } else { 2 }, "{kind}");
+        assert_eq!(Artifact::from_bytes(&bytes).unwrap(), artifact, "{kind}");
+        if row_groups {
+            let mut old = plain_bytes(&artifact);
+            old.truncate(old.len() - 32);
+            old[8..10].copy_from_slice(&2u16.to_le_bytes());
+            let error = Artifact::from_bytes(&reseal_digest_only(old)).unwrap_err();
+            assert!(
+                error
+                    .to_string()
+                    .contains("groups of scales per row need format version 3, the file says 2"),
+                "{kind}: {error}"
+            );
+        }
+    }
 }
 
 /// What a decoded artifact must allow: the engine loads it and answers a row with one

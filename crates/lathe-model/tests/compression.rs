@@ -41,6 +41,29 @@ fn int8_per_channel() -> QuantizeConfig {
     }
 }
 
+/// The integer engine's logits are within 3 % of the row's largest logit of the dequantized
+/// model's, the class is the same on at least 99 % of the test rows, and single rows give
+/// exactly the batch's answers.
+fn close_to_dequantized(engine: &Engine, artifact: &Artifact, splits: &Splits) {
+    let dequantized = Engine::with_kernels(artifact, KernelChoice::DenseOnly).unwrap();
+    let n = splits.test.rows();
+    let ints = engine.logits_batch(&splits.test.features, n).unwrap();
+    let floats = dequantized.logits_batch(&splits.test.features, n).unwrap();
+    let mut same = 0;
+    for (a, b) in ints.chunks_exact(10).zip(floats.chunks_exact(10)) {
+        let size = 1.0 + b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (p, q) in a.iter().zip(b) {
+            assert!((p - q).abs() <= 0.03 * size, "{p} against {q}");
+        }
+        same += usize::from(argmax(a) == argmax(b));
+    }
+    assert!(same * 100 >= n * 99, "{same} of {n} agree");
+    for r in 0..n {
+        let row = engine.logits(splits.test.row(r)).unwrap();
+        assert_eq!(row, ints[r * 10..(r + 1) * 10], "row {r}");
+    }
+}
+
 #[test]
 fn pruning_then_int8_is_twenty_times_smaller_within_half_a_point() {
     let (dense, accuracy, splits) = dense();
@@ -96,26 +119,27 @@ fn pruning_then_int8_is_twenty_times_smaller_within_half_a_point() {
         engine.resident_weight_bytes(),
         sparse_f32.resident_weight_bytes()
     );
-    let dequantized = Engine::with_kernels(&back, KernelChoice::DenseOnly).unwrap();
-    let n = splits.test.rows();
-    let ints = engine.logits_batch(&splits.test.features, n).unwrap();
-    let floats = dequantized.logits_batch(&splits.test.features, n).unwrap();
-    // The integer engine also rounds each layer's input to 8 bits: its logits are within
-    // 3 % of the row's largest, so only near ties can change class (2 of the 360 here,
-    // where the dequantized model's top two logits are 0.09 and 0.10 apart).
-    let mut same = 0;
-    for (a, b) in ints.chunks_exact(10).zip(floats.chunks_exact(10)) {
-        let size = 1.0 + b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        for (p, q) in a.iter().zip(b) {
-            assert!((p - q).abs() <= 0.03 * size, "{p} against {q}");
-        }
-        same += usize::from(argmax(a) == argmax(b));
-    }
-    assert!(same * 100 >= n * 99, "{same} of {n} agree");
-    for r in 0..n {
-        let row = engine.logits(splits.test.row(r)).unwrap();
-        assert_eq!(row, ints[r * 10..(r + 1) * 10], "row {r}");
-    }
+    // The integer engine also rounds each layer's input to 8 bits: only near ties can
+    // change class (2 of the 360 here, where the dequantized model's top two logits are
+    // 0.09 and 0.10 apart).
+    close_to_dequantized(&engine, &back, &splits);
+
+    // With 4-bit codes and a scale and zero point per 32 weights too. Compaction leaves
+    // layers whose widths are not multiples of 32, so the runs of inputs sharing a scale
+    // have all lengths; each starts on a group of four slots of the integer kernel.
+    let mut grouped = int8_per_channel();
+    grouped.bits = Bits::Four;
+    grouped.granularity = Some(Granularity::Grouped(32));
+    grouped.symmetric = false;
+    let q4 = quantize_mlp(&pruned.artifact, &splits, &grouped).unwrap();
+    let back4 = Artifact::from_bytes(&q4.artifact.to_bytes()).unwrap();
+    let engine4 = Engine::from_artifact(&back4).unwrap();
+    assert_eq!(engine4.int8_layers(), [true, true, true]);
+    assert_eq!(
+        lathe_model::eval::evaluate(&engine4, &splits.test).accuracy,
+        q4.test.accuracy
+    );
+    close_to_dequantized(&engine4, &back4, &splits);
     // The breakdown accounts for every byte; the weights (values, positions, scales) are
     // the largest share, though at this size no longer most of it.
     let parts = back.byte_breakdown();

@@ -457,6 +457,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut quant_rows = Vec::new();
     let mut int8_model = None;
     let mut dynamic_model = None;
+    let mut grouped_model = None;
     let mut pruned_int8_model = None;
     let mut breakdowns = Vec::new();
     for (label, input, cfg) in [
@@ -568,6 +569,8 @@ fn main() -> Result<(), Box<dyn Error>> {
             int8_model = Some(o.artifact);
         } else if label == "int8 per-channel symmetric, dynamic" {
             dynamic_model = Some(o.artifact);
+        } else if label == "int4 grouped 32 symmetric" {
+            grouped_model = Some(o.artifact);
         }
     }
     for (label, parts) in &breakdowns {
@@ -665,13 +668,16 @@ fn main() -> Result<(), Box<dyn Error>> {
         })
         .collect();
     let mut quant_latency = json!(null);
-    if let (Some(q), Some(d)) = (&int8_model, &dynamic_model) {
+    if let (Some(q), Some(d), Some(g)) = (&int8_model, &dynamic_model, &grouped_model) {
         let float_engine = Engine::from_artifact(&dense)?;
         let int8_engine = Engine::from_artifact(q)?;
         let dynamic_engine = Engine::from_artifact(d)?;
+        let grouped_engine = Engine::from_artifact(g)?;
         let (f1, fb) = time(&float_engine, &splits, &batch, &args)?;
         let (q1, qb) = time(&int8_engine, &splits, &batch, &args)?;
         let (d1, db) = time(&dynamic_engine, &splits, &batch, &args)?;
+        let (g1, gb) = time(&grouped_engine, &splits, &batch, &args)?;
+        let gr = grouped_engine.resident_weight_bytes();
         println!("\nengine, one thread: float vs int8 per-channel (same run)");
         println!(
             "{:<40} {:>12} {:>14} {:>14}",
@@ -686,6 +692,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             ("float", f1, fb, fr),
             ("int8, static activations", q1, qb, qr),
             ("int8, dynamic activations", d1, db, dr),
+            ("int4 grouped 32 (codes held as i8)", g1, gb, gr),
         ] {
             println!("{label:<40} {row:>12.2} {batch_ms:>14.3} {bytes:>14}");
         }
@@ -702,6 +709,17 @@ fn main() -> Result<(), Box<dyn Error>> {
             d1 / f1,
             db / fb,
             dr as f64 / fr as f64
+        );
+        println!(
+            "{:<40} {:>12.3} {:>14.3} {:>14.3}",
+            "ratio int4 grouped 32/float",
+            g1 / f1,
+            gb / fb,
+            gr as f64 / fr as f64
+        );
+        println!(
+            "int4 grouped 32 on the integer kernels (per layer): {:?}",
+            grouped_engine.int8_layers()
         );
         let n_test = splits.test.rows();
         let classes = |e: &Engine| e.classes_batch(&splits.test.features, n_test);
@@ -783,6 +801,8 @@ engine, one thread: 90 % pruned, f32 (sparse kernels) vs + int8 (integer \
         quant_latency = json!({"float": {"row_p50_us": f1, "batch_1000_ms": fb, "resident_bytes": fr},
             "int8": {"row_p50_us": q1, "batch_1000_ms": qb, "resident_bytes": qr},
             "int8_dynamic": {"row_p50_us": d1, "batch_1000_ms": db, "resident_bytes": dr},
+            "int4_grouped32": {"row_p50_us": g1, "batch_1000_ms": gb, "resident_bytes": gr,
+                "int8_layers": grouped_engine.int8_layers()},
             "time_ratio_int8_over_float_row": q1 / f1,
             "time_ratio_int8_over_float_batch_1000": qb / fb,
             "resident_ratio_int8_over_float": qr as f64 / fr as f64,
