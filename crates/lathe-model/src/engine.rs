@@ -130,7 +130,7 @@ enum Weight {
         w: Int8Weight,
         /// `[segment][n_out]`.
         scale: Vec<f32>,
-        /// `[segment][n_out]`.
+        /// `[segment][n_out]`, or empty when every zero point is 0 (symmetric).
         zero: Vec<f32>,
         /// For the first layer: `1 / standardiser scale` per input, applied to each request
         /// before quantization (the standardiser cannot be folded into integer weights).
@@ -541,7 +541,12 @@ impl Engine {
                         meta.n_seg,
                     ),
                     scale: meta.scale,
-                    zero: meta.zero,
+                    // Symmetric weights need no zero-point term.
+                    zero: if meta.zero.iter().all(|z| *z == 0.0) {
+                        Vec::new()
+                    } else {
+                        meta.zero
+                    },
                     input_scale: meta.input_scale,
                     grid: meta.grid,
                 }

@@ -631,10 +631,9 @@ pub(crate) struct Int8Scratch {
     quants: Vec<RowQuant>,
     /// A row quantized in input order, before it goes to its slots.
     staged: Vec<u8>,
-    /// Each row's quantized sum over each segment's inputs, `[row][segment]`.
+    /// With zero points: each row's quantized sum over each segment's inputs,
+    /// `[row][segment]`.
     sums: Vec<f32>,
-    /// The groups one segment's dot product sums.
-    list: Vec<u32>,
 }
 
 /// An int8 layer's outputs for `rows` rows of `x` (row-major, `w.n_in` each) into `y`
@@ -658,7 +657,10 @@ pub(crate) fn int8_layer(
 ) {
     let n_seg = w.n_segments();
     assert_eq!(scale.len(), n_seg * w.n_out, "int8_layer: scale length");
-    assert_eq!(zero.len(), n_seg * w.n_out, "int8_layer: zero length");
+    assert!(
+        zero.is_empty() || zero.len() == n_seg * w.n_out,
+        "int8_layer: zero length"
+    );
     let Int8Scratch {
         xq,
         acc,
@@ -666,10 +668,9 @@ pub(crate) fn int8_layer(
         quants,
         staged,
         sums,
-        list,
     } = scratch;
     let stride = w.row_stride();
-    xq.clear();
+    // Every byte of a row is written below (`quantize_row` zeroes its padding).
     xq.resize(rows * stride, 0);
     quants.clear();
     sums.clear();
@@ -677,68 +678,54 @@ pub(crate) fn int8_layer(
         .chunks_exact(w.n_in.max(1))
         .zip(xq.chunks_exact_mut(stride))
     {
-        match &w.slots {
-            None => quants.push(quantize_row(row, input_scale, grid, q)),
+        let quant = match &w.slots {
+            None => quantize_row(row, input_scale, grid, q),
             Some(slots) => {
                 staged.resize(w.n_in, 0);
-                quants.push(quantize_row(row, input_scale, grid, staged));
+                let quant = quantize_row(row, input_scale, grid, staged);
+                q.fill(0);
                 for (&p, &v) in slots.iter().zip(staged.iter()) {
                     q[p as usize] = v;
                 }
+                quant
             }
-        }
-        // The sum of each segment's quantized inputs, `sx · (Σ xq − zx · n)`: the zero-point
-        // term then cancels the rounding the dot product sees, so the error of an output is
-        // bounded by `Σ |q − zero|` half steps. The exact `f32` sum would leave it at
-        // `Σ |q|`, many times more for groups whose zero point is far from 0 (a group of a
-        // pruned layer whose non-zeros share a sign).
-        let q = &*q;
-        let quant = quants[quants.len() - 1];
-        for &(start, end, len) in &w.segments {
-            let levels: u32 = q[4 * start as usize..4 * end as usize]
-                .iter()
-                .map(|&b| u32::from(b))
-                .sum();
-            let centred = i64::from(levels) - i64::from(quant.zero) * i64::from(len);
-            sums.push(quant.scale * centred as f32);
+        };
+        quants.push(quant);
+        // With zero points: the sum of each segment's quantized inputs, `Σ xq − zx · n` (in
+        // units of `sx`). The zero-point term then cancels the rounding the dot product sees, so an
+        // output's error is bounded by `Σ |q − zero|` half steps; the exact `f32` sum would
+        // leave it at `Σ |q|`, many times more for groups whose zero point is far from 0 (a
+        // group of a pruned layer whose non-zeros share a sign).
+        if !zero.is_empty() {
+            for &(start, end, len) in &w.segments {
+                let levels: u32 = q[4 * start as usize..4 * end as usize]
+                    .iter()
+                    .map(|&b| u32::from(b))
+                    .sum();
+                let centred = i64::from(levels) - i64::from(quant.zero) * i64::from(len);
+                sums.push(centred as f32);
+            }
         }
     }
     if rows == 1 {
         active_groups(xq, active);
     }
-    let pad = w.n_out_pad;
-    let n = w.n_out;
-    for (s, &(start, end, _)) in w.segments.iter().enumerate() {
-        let groups: Option<&[u32]> = if n_seg == 1 {
-            (rows == 1).then_some(active.as_slice())
-        } else {
-            list.clear();
-            if rows == 1 {
-                let lo = active.partition_point(|&g| g < start);
-                let hi = active.partition_point(|&g| g < end);
-                list.extend_from_slice(&active[lo..hi]);
-            } else {
-                list.extend(start..end);
-            }
-            Some(list.as_slice())
-        };
-        int8_dot(w, xq, rows, groups, acc);
-        let last = s + 1 == n_seg;
-        for (r, (out, quant)) in y.chunks_exact_mut(n.max(1)).zip(quants.iter()).enumerate() {
-            let sum = sums[r * n_seg + s];
-            int8_finish_row(
-                &w.colsum[s * n..(s + 1) * n],
-                &acc[r * pad..r * pad + n],
-                *quant,
-                sum,
-                &scale[s * n..(s + 1) * n],
-                &zero[s * n..(s + 1) * n],
-                bias,
-                out,
-                relu && last,
-                s > 0,
-            );
-        }
+    int8_dot(w, xq, rows, (rows == 1).then_some(active.as_slice()), acc);
+    let (n, pad) = (w.n_out, w.n_out_pad);
+    for (r, (out, quant)) in y.chunks_exact_mut(n.max(1)).zip(quants.iter()).enumerate() {
+        let sums_at = r * n_seg * pad;
+        let zero_sums = (!zero.is_empty()).then(|| (zero, &sums[r * n_seg..(r + 1) * n_seg]));
+        int8_finish_row(
+            &w.colsum,
+            &acc[sums_at..sums_at + n_seg * pad],
+            pad,
+            *quant,
+            zero_sums,
+            scale,
+            bias,
+            out,
+            relu,
+        );
     }
 }
 
@@ -943,9 +930,10 @@ fn quantize_row_on_grid<const SCALED: bool>(
     }
 }
 
-/// `acc[r][o] = Σᵢ xq[r][i] · q[i][o]` (exact `i32`) for `rows` quantized rows of
-/// [`Int8Weight::row_stride`] bytes each; `acc` is `rows × n_out_pad`. With `active`, only
-/// those input groups are summed (the others must be all zero in every row).
+/// `acc[r][s][o] = Σᵢ xq[r][i] · q[i][o]` over the inputs `i` of segment `s` (exact `i32`)
+/// for `rows` quantized rows of [`Int8Weight::row_stride`] bytes each; `acc` is `rows ×
+/// segments × n_out_pad`. With `active` (sorted), only those groups of four are summed (the
+/// others must be all zero in every row).
 pub(crate) fn int8_dot(
     w: &Int8Weight,
     xq: &[u8],
@@ -960,25 +948,27 @@ pub(crate) fn int8_dot(
             groups.iter().all(|&g| (g as usize) < w.n_groups),
             "int8_dot: group out of range"
         );
+        debug_assert!(groups.is_sorted(), "int8_dot: groups not sorted");
     }
     acc.clear();
-    acc.resize(rows * w.n_out_pad, 0);
+    acc.resize(rows * w.segments.len() * w.n_out_pad, 0);
     #[cfg(target_arch = "x86_64")]
     {
         if vnni_available() {
+            let per_row = w.segments.len() * w.n_out_pad;
             let mut r = 0;
             while r + 4 <= rows {
                 // SAFETY: VNNI and AVX-512F/BW are available (checked); the asserts above
                 // and the slicing here give the kernel's bounds (see `int8_dot_vnni`).
                 unsafe {
-                    int8_dot_vnni::<4>(w, active, &xq[r * stride..], &mut acc[r * w.n_out_pad..])
+                    int8_dot_vnni::<4>(w, active, &xq[r * stride..], &mut acc[r * per_row..])
                 };
                 r += 4;
             }
             while r < rows {
                 // SAFETY: as above, for one row.
                 unsafe {
-                    int8_dot_vnni::<1>(w, active, &xq[r * stride..], &mut acc[r * w.n_out_pad..])
+                    int8_dot_vnni::<1>(w, active, &xq[r * stride..], &mut acc[r * per_row..])
                 };
                 r += 1;
             }
@@ -1002,6 +992,38 @@ pub(crate) fn vnni_available() -> bool {
     }
 }
 
+/// The groups of four slots of segment `(start, end)` to sum: every one, or those in the
+/// sorted `active` list.
+#[derive(Clone)]
+enum SegmentGroups<'a> {
+    All(std::ops::Range<usize>),
+    Listed(std::slice::Iter<'a, u32>),
+}
+
+impl<'a> SegmentGroups<'a> {
+    fn new(start: u32, end: u32, active: Option<&'a [u32]>) -> SegmentGroups<'a> {
+        match active {
+            None => SegmentGroups::All(start as usize..end as usize),
+            Some(list) => {
+                let lo = list.partition_point(|&g| g < start);
+                let hi = list.partition_point(|&g| g < end);
+                SegmentGroups::Listed(list[lo..hi].iter())
+            }
+        }
+    }
+}
+
+impl Iterator for SegmentGroups<'_> {
+    type Item = usize;
+    #[inline(always)]
+    fn next(&mut self) -> Option<usize> {
+        match self {
+            SegmentGroups::All(range) => range.next(),
+            SegmentGroups::Listed(it) => it.next().map(|&g| g as usize),
+        }
+    }
+}
+
 /// The safe scalar kernel: the same integers as the VNNI one.
 fn int8_dot_portable(
     w: &Int8Weight,
@@ -1011,23 +1033,21 @@ fn int8_dot_portable(
     acc: &mut [i32],
 ) {
     let stride = w.row_stride();
-    let all: Vec<u32> = match active {
-        Some(_) => Vec::new(),
-        None => (0..w.n_groups as u32).collect(),
-    };
-    let groups = active.unwrap_or(&all);
+    let per_row = w.segments.len() * w.n_out_pad;
     for r in 0..rows {
-        let out = &mut acc[r * w.n_out_pad..(r + 1) * w.n_out_pad];
-        for &g in groups {
-            let g = g as usize;
-            let block = &w.q4[g * w.n_out_pad * 4..(g + 1) * w.n_out_pad * 4];
-            for k in 0..4 {
-                let xv = i32::from(xq[r * stride + 4 * g + k]);
-                if xv == 0 {
-                    continue;
-                }
-                for (a, quad) in out.iter_mut().zip(block.chunks_exact(4)) {
-                    *a += xv * i32::from(quad[k]);
+        for (s, &(start, end, _)) in w.segments.iter().enumerate() {
+            let at = r * per_row + s * w.n_out_pad;
+            let out = &mut acc[at..at + w.n_out_pad];
+            for g in SegmentGroups::new(start, end, active) {
+                let block = &w.q4[g * w.n_out_pad * 4..(g + 1) * w.n_out_pad * 4];
+                for k in 0..4 {
+                    let xv = i32::from(xq[r * stride + 4 * g + k]);
+                    if xv == 0 {
+                        continue;
+                    }
+                    for (a, quad) in out.iter_mut().zip(block.chunks_exact(4)) {
+                        *a += xv * i32::from(quad[k]);
+                    }
                 }
             }
         }
@@ -1035,13 +1055,13 @@ fn int8_dot_portable(
 }
 
 /// `ROWS` rows at once: each weight vector loaded once, multiplied into `ROWS`
-/// accumulators; outputs in chunks of up to four vectors (64 outputs). Sums every group, or
-/// the `active` ones.
+/// accumulators; outputs in chunks of up to four vectors (64 outputs), and within a chunk
+/// each segment's groups summed and stored in turn. Sums every group, or the `active` ones.
 ///
 /// # Safety
 /// The CPU must support AVX-512F, AVX-512BW and AVX-512 VNNI; `xq` must hold at least
-/// `ROWS × row_stride` bytes, `acc` at least `ROWS × n_out_pad` values, and every group in
-/// `active` must be below `n_groups`.
+/// `ROWS × row_stride` bytes, `acc` at least `ROWS × segments × n_out_pad` values, and every
+/// group in `active` must be below `n_groups`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn int8_dot_vnni<const ROWS: usize>(
@@ -1050,62 +1070,71 @@ unsafe fn int8_dot_vnni<const ROWS: usize>(
     xq: &[u8],
     acc: &mut [i32],
 ) {
-    match active {
-        // SAFETY: the caller's contract, passed on.
-        Some(groups) => unsafe {
-            int8_dot_vnni_groups::<ROWS, _>(w, groups.iter().map(|&g| g as usize), xq, acc)
-        },
-        // SAFETY: as above; every group index is below n_groups.
-        None => unsafe { int8_dot_vnni_groups::<ROWS, _>(w, 0..w.n_groups, xq, acc) },
-    }
-}
-
-/// [`int8_dot_vnni`] over the given groups.
-///
-/// # Safety
-/// As for [`int8_dot_vnni`]; every group `groups` yields must be below `n_groups`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn int8_dot_vnni_groups<const ROWS: usize, G: Iterator<Item = usize> + Clone>(
-    w: &Int8Weight,
-    groups: G,
-    xq: &[u8],
-    acc: &mut [i32],
-) {
-    debug_assert!(xq.len() >= ROWS * w.row_stride() && acc.len() >= ROWS * w.n_out_pad);
+    debug_assert!(
+        xq.len() >= ROWS * w.row_stride() && acc.len() >= ROWS * w.segments.len() * w.n_out_pad
+    );
     let vectors = w.n_out_pad / INT8_LANES;
-    let mut v0 = 0;
-    while v0 < vectors {
-        // A fixed number of vectors per pass keeps every accumulator in a register.
-        let chunk = if vectors - v0 >= 4 { 4 } else { 1 };
-        // SAFETY: v0 + chunk ≤ vectors; the rest is the caller's contract, passed on.
-        unsafe {
-            if chunk == 4 {
-                int8_dot_vnni_block::<ROWS, 4, G>(w, groups.clone(), xq, acc, v0);
-            } else {
-                int8_dot_vnni_block::<ROWS, 1, G>(w, groups.clone(), xq, acc, v0);
+    for (s, &(start, end, _)) in w.segments.iter().enumerate() {
+        // The segment's groups are found once, then summed for every chunk of outputs.
+        let listed = match active {
+            None => None,
+            Some(list) if w.segments.len() == 1 => Some(list),
+            Some(list) => {
+                let lo = list.partition_point(|&g| g < start);
+                let hi = list.partition_point(|&g| g < end);
+                Some(&list[lo..hi])
             }
+        };
+        let mut v0 = 0;
+        while v0 < vectors {
+            // A fixed number of vectors per pass keeps every accumulator in a register.
+            let chunk = if vectors - v0 >= 4 { 4 } else { 1 };
+            // One monomorphized loop per kind of group list: the hot loop of a single row
+            // walks a slice, a batch's a range.
+            macro_rules! run {
+                ($groups:expr) => {
+                    // SAFETY: v0 + chunk ≤ vectors and s < segments; every group is below
+                    // n_groups (the caller's contract for `active`, `segments` by
+                    // construction); the rest is the caller's contract, passed on.
+                    unsafe {
+                        if chunk == 4 {
+                            int8_dot_vnni_block::<ROWS, 4, _>(w, $groups, xq, acc, v0, s);
+                        } else {
+                            int8_dot_vnni_block::<ROWS, 1, _>(w, $groups, xq, acc, v0, s);
+                        }
+                    }
+                };
+            }
+            match listed {
+                None => run!(start as usize..end as usize),
+                Some(list) => run!(list.iter().map(|&g| g as usize)),
+            }
+            v0 += chunk;
         }
-        v0 += chunk;
     }
 }
 
-/// Outputs `v0 · 16 .. (v0 + BLOCKS) · 16` of [`int8_dot_vnni_groups`].
+/// Outputs `v0 · 16 .. (v0 + BLOCKS) · 16` of segment `s` of [`int8_dot_vnni`].
 ///
 /// # Safety
-/// As for [`int8_dot_vnni_groups`], and `(v0 + BLOCKS) · 16 ≤ n_out_pad`.
+/// As for [`int8_dot_vnni`], `(v0 + BLOCKS) · 16 ≤ n_out_pad`, `s` below the number of
+/// segments, and every group `groups` yields below `n_groups`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
-unsafe fn int8_dot_vnni_block<const ROWS: usize, const BLOCKS: usize, G: Iterator<Item = usize>>(
+unsafe fn int8_dot_vnni_block<const ROWS: usize, const BLOCKS: usize, G>(
     w: &Int8Weight,
     groups: G,
     xq: &[u8],
     acc: &mut [i32],
     v0: usize,
-) {
+    s: usize,
+) where
+    G: Iterator<Item = usize>,
+{
     use std::arch::x86_64::*;
     let stride = w.row_stride();
+    let per_row = w.segments.len() * w.n_out_pad;
     let mut sums = [[_mm512_setzero_si512(); BLOCKS]; ROWS];
     for g in groups {
         // SAFETY: g < n_groups, so the group's n_out_pad × 4 bytes are inside q4, and
@@ -1125,59 +1154,56 @@ unsafe fn int8_dot_vnni_block<const ROWS: usize, const BLOCKS: usize, G: Iterato
                     .read_unaligned()
             };
             let x = _mm512_set1_epi32(x);
-            for (s, wb) in row_sums.iter_mut().zip(&wv) {
-                *s = _mm512_dpbusd_epi32(*s, x, *wb);
+            for (sum, wb) in row_sums.iter_mut().zip(&wv) {
+                *sum = _mm512_dpbusd_epi32(*sum, x, *wb);
             }
         }
     }
     for (r, row_sums) in sums.iter().enumerate() {
-        for (b, s) in row_sums.iter().enumerate() {
-            // SAFETY: r < ROWS and (v0 + b + 1) · 16 ≤ n_out_pad, inside acc.
+        for (b, sum) in row_sums.iter().enumerate() {
+            // SAFETY: r < ROWS, s < segments and (v0 + b + 1) · 16 ≤ n_out_pad, inside acc.
             unsafe {
                 _mm512_storeu_si512(
                     acc.as_mut_ptr()
-                        .add(r * w.n_out_pad + (v0 + b) * INT8_LANES)
+                        .add(r * per_row + s * w.n_out_pad + (v0 + b) * INT8_LANES)
                         .cast(),
-                    *s,
+                    *sum,
                 )
             };
         }
     }
 }
 
-/// One row's outputs from one segment's integer sums: `y = base + scale ⊙ (sx · (acc − zx ·
-/// colsum) − zero · sum)`, where `base` is `bias` for the first segment and `y` itself when
-/// `accumulate`, and `sum` is the sum of the segment's quantized inputs (`sx · (Σ xq − zx ·
-/// n)`); then ReLU when `relu`. Written over zipped slices so that it vectorizes (compiled for AVX-512 where the
-/// CPU has it): with indexing it was a scalar loop costing about a tenth of an int8 batch.
+/// One row's outputs from its integer sums, `acc[s][o]` for each segment `s` (rows of
+/// `pad` values): `y = bias + sx · Σₛ scaleₛ ⊙ (accₛ − zx · colsumₛ − zeroₛ · sumₛ)`, where
+/// `(zero, sums)` are the zero points (`[segment][n_out]`) and each segment's sum of
+/// quantized inputs (`Σ xq − zx · n`), `None` without zero points; then ReLU when `relu`.
+/// The integer part of each term is exact. Written as branch-free passes over zipped slices
+/// so that they vectorize (compiled for AVX-512 where the CPU has it): with indexing it was
+/// a scalar loop costing about a tenth of an int8 batch.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn int8_finish_row(
     colsum: &[i32],
     acc: &[i32],
+    pad: usize,
     quant: RowQuant,
-    sum: f32,
+    zero_sums: Option<(&[f32], &[f32])>,
     scale: &[f32],
-    zero: &[f32],
     bias: &[f32],
     y: &mut [f32],
     relu: bool,
-    accumulate: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F, checked just above.
             unsafe {
-                int8_finish_row_avx512(
-                    colsum, acc, quant, sum, scale, zero, bias, y, relu, accumulate,
-                )
+                int8_finish_row_avx512(colsum, acc, pad, quant, zero_sums, scale, bias, y, relu)
             };
             return;
         }
     }
-    int8_finish_row_portable(
-        colsum, acc, quant, sum, scale, zero, bias, y, relu, accumulate,
-    );
+    int8_finish_row_portable(colsum, acc, pad, quant, zero_sums, scale, bias, y, relu);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1186,52 +1212,89 @@ pub(crate) fn int8_finish_row(
 fn int8_finish_row_avx512(
     colsum: &[i32],
     acc: &[i32],
+    pad: usize,
     quant: RowQuant,
-    sum: f32,
+    zero_sums: Option<(&[f32], &[f32])>,
     scale: &[f32],
-    zero: &[f32],
     bias: &[f32],
     y: &mut [f32],
     relu: bool,
-    accumulate: bool,
 ) {
-    int8_finish_row_portable(
-        colsum, acc, quant, sum, scale, zero, bias, y, relu, accumulate,
-    );
+    int8_finish_row_portable(colsum, acc, pad, quant, zero_sums, scale, bias, y, relu);
 }
 
-/// [`int8_finish_row`] in plain Rust, inlined into the wrapper above; one loop for each
-/// base, so that neither branches per value.
+/// [`int8_finish_row`] in plain Rust, inlined into the wrapper above: `y` gathers the sum
+/// over the segments, one pass each, then takes the activation scale, the bias and ReLU.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn int8_finish_row_portable(
     colsum: &[i32],
     acc: &[i32],
+    pad: usize,
     quant: RowQuant,
-    sum: f32,
+    zero_sums: Option<(&[f32], &[f32])>,
     scale: &[f32],
-    zero: &[f32],
     bias: &[f32],
     y: &mut [f32],
     relu: bool,
-    accumulate: bool,
 ) {
     let n = y.len();
-    let (acc, colsum, scale, zero, bias) =
-        (&acc[..n], &colsum[..n], &scale[..n], &zero[..n], &bias[..n]);
-    let term = |o: usize| {
-        let dot = quant.scale * (acc[o] - quant.zero * colsum[o]) as f32;
-        scale[o] * (dot - zero[o] * sum)
-    };
-    if accumulate {
-        for (o, v) in y.iter_mut().enumerate() {
-            let out = *v + term(o);
-            *v = if relu { out.max(0.0) } else { out };
+    let n_seg = scale.len() / n.max(1);
+    for s in 0..n_seg {
+        let at = s * n..(s + 1) * n;
+        let (acc, colsum, scale) = (
+            &acc[s * pad..s * pad + n],
+            &colsum[at.clone()],
+            &scale[at.clone()],
+        );
+        let zero = zero_sums.map(|(z, sums)| (&z[at.clone()], sums[s]));
+        let zx = quant.zero;
+        match (s == 0, zx == 0) {
+            (true, true) => segment_pass::<true, true>(y, acc, colsum, zx, scale, zero),
+            (true, false) => segment_pass::<true, false>(y, acc, colsum, zx, scale, zero),
+            (false, true) => segment_pass::<false, true>(y, acc, colsum, zx, scale, zero),
+            (false, false) => segment_pass::<false, false>(y, acc, colsum, zx, scale, zero),
         }
-    } else {
-        for (o, v) in y.iter_mut().enumerate() {
-            let out = bias[o] + term(o);
-            *v = if relu { out.max(0.0) } else { out };
+    }
+    for (v, &b) in y.iter_mut().zip(&bias[..n]) {
+        let out = b + quant.scale * *v;
+        *v = if relu { out.max(0.0) } else { out };
+    }
+}
+
+/// One segment's share of [`int8_finish_row_portable`]: `y (=, or +=) scale ⊙ (acc − zx ·
+/// colsum − zero · sum)`; `FIRST` assigns, `UNSIGNED` skips `zx` (0 for ReLU outputs).
+#[inline(always)]
+fn segment_pass<const FIRST: bool, const UNSIGNED: bool>(
+    y: &mut [f32],
+    acc: &[i32],
+    colsum: &[i32],
+    zx: i32,
+    scale: &[f32],
+    zero: Option<(&[f32], f32)>,
+) {
+    let centred = |a: i32, c: i32| if UNSIGNED { a } else { a - zx * c } as f32;
+    let put = |v: &mut f32, t: f32| {
+        if FIRST {
+            *v = t;
+        } else {
+            *v += t;
+        }
+    };
+    match zero {
+        None => {
+            for ((v, &a), (&c, &s)) in y.iter_mut().zip(acc).zip(colsum.iter().zip(scale)) {
+                put(v, s * centred(a, c));
+            }
+        }
+        Some((zero, sum)) => {
+            for ((v, &a), ((&c, &s), &z)) in y
+                .iter_mut()
+                .zip(acc)
+                .zip(colsum.iter().zip(scale).zip(zero))
+            {
+                put(v, s * (centred(a, c) - z * sum));
+            }
         }
     }
 }
@@ -1635,6 +1698,7 @@ mod tests {
         for (n_in, n_out, d, pruned) in [
             (64usize, 256usize, 64usize, false),
             (128, 10, 128, false),
+            (128, 16, 32, false),
             (5, 130, 5, false),
             (64, 40, 32, false),
             (64, 40, 6, false),
@@ -1654,6 +1718,8 @@ mod tests {
                 .map(|k| {
                     if pruned {
                         -100.0 - (k % 20) as f32
+                    } else if n_out == 16 {
+                        0.0
                     } else {
                         (k % 5) as f32 - 2.0
                     }
@@ -1674,6 +1740,9 @@ mod tests {
                 .collect();
             let w = Int8Weight::with_segments(&q, n_in, n_out, &segment_of, n_seg);
             assert_eq!(w.n_segments(), n_seg);
+            // Symmetric (no zero points) as the engine passes it: empty.
+            let symmetric = zero.iter().all(|z| *z == 0.0);
+            let zero_arg: &[f32] = if symmetric { &[] } else { &zero };
             assert_eq!(w.slots.is_some(), n_seg > 1 && d % 4 != 0, "{n_in}/{d}");
             let bias = values(n_out, 9);
             // Signed inputs (a zero point) and an input scale, as for a first layer.
@@ -1693,7 +1762,7 @@ mod tests {
                     int8_layer(
                         &w,
                         &scale,
-                        &zero,
+                        zero_arg,
                         Some(&input_scale),
                         None,
                         &bias,
