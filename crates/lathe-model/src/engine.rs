@@ -14,10 +14,10 @@
 //! transposed activations. Layers of one model may mix both; the batch path transposes the
 //! activations between a sparse and a dense layer.
 //!
-//! An int8 layer (one scale per output or per tensor, stored dense or, for a pruned model,
-//! sparse) keeps its weights as `i8` and runs
-//! `u8 × i8` dot products with `i32` sums (AVX-512 VNNI, or a scalar loop giving the same
-//! integers); each row's activations are rounded to `u8` over the layer's calibrated input
+//! An int8 or int4 layer (one scale per tensor, per output or per group of weights, stored
+//! dense or, for a pruned model, sparse) keeps its weights as `i8` and runs
+//! `u8 × i8` dot products with `i32` sums, one per run of inputs sharing a scale (AVX-512
+//! VNNI, or a scalar loop giving the same integers); each row's activations are rounded to `u8` over the layer's calibrated input
 //! range when the artifact stores one (static quantization: one pass over the row, no range
 //! to find first), or over the row's own range (dynamic, and for a row that falls off the
 //! calibrated range, which clamping would distort). Rows
@@ -127,9 +127,8 @@ enum Weight {
     /// (dynamic), so the weights stay one byte each in memory and in the kernel. See
     /// `kernels::int8_layer`.
     Int8 {
+        /// The codes and each segment's scales.
         w: Int8Weight,
-        /// `[segment][n_out]`.
-        scale: Vec<f32>,
         /// `[segment][n_out]`, or empty when every zero point is 0 (symmetric).
         zero: Vec<f32>,
         /// For the first layer: `1 / standardiser scale` per input, applied to each request
@@ -153,7 +152,6 @@ impl Weight {
     ) -> Option<()> {
         let Weight::Int8 {
             w,
-            scale,
             zero,
             input_scale,
             grid,
@@ -164,7 +162,6 @@ impl Weight {
         INT8_SCRATCH.with(|cell| {
             kernels::int8_layer(
                 w,
-                scale,
                 zero,
                 input_scale.as_deref(),
                 *grid,
@@ -539,8 +536,8 @@ impl Engine {
                         n_out,
                         &meta.segment,
                         meta.n_seg,
+                        &meta.scale,
                     ),
-                    scale: meta.scale,
                     // Symmetric weights need no zero-point term.
                     zero: if meta.zero.iter().all(|z| *z == 0.0) {
                         Vec::new()
@@ -614,15 +611,12 @@ impl Engine {
                         Weight::Both(wt, w) => 4 * wt.len() + w.resident_bytes(),
                         Weight::Int8 {
                             w,
-                            scale,
                             zero,
                             input_scale,
                             ..
                         } => {
                             w.resident_bytes()
-                                + 4 * (scale.len()
-                                    + zero.len()
-                                    + input_scale.as_ref().map_or(0, Vec::len))
+                                + 4 * (zero.len() + input_scale.as_ref().map_or(0, Vec::len))
                         }
                     }
             })
