@@ -1,7 +1,8 @@
 //! The quantizer through real NATS: train → quantize and train → prune → quantize store
 //! integer artifacts whose recomputed accuracy matches the record; `"auto"` records the bits
 //! and granularity it chose, and the served layers quantize their inputs over the stored
-//! calibrated ranges; 3 bits are refused at intake.
+//! calibrated ranges; int4 groups that restart at every row are stored as format version 3
+//! and served from their codes; 3 bits are refused at intake.
 
 use std::time::Duration;
 
@@ -133,6 +134,65 @@ async fn an_auto_quantize_job_records_its_choice_and_stores_the_calibrated_range
         "recomputed {recomputed} vs recorded {}",
         quantize.metrics["test_accuracy"]
     );
+    trainer.stop().await;
+    quantizer.stop().await;
+}
+
+/// Groups of 32 on a hidden layer 50 wide restart at every row: the stored artifact is format
+/// version 3, and every layer is served from its 4-bit codes with the accuracy the record
+/// claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grouped_int4_job_stores_groups_per_row_and_is_served_from_its_codes() {
+    let s = stack().await;
+    let url = s.server.url();
+    let trainer = start_trainer(&url, "t1").await;
+    let quantizer = start(&url, "q1", "lathe-quantizer", lathe_quantizer::Quantizer).await;
+    let spec = br#"{"name": "int4-groups", "dataset": {"source": "builtin:digits"},
+        "model": {"hidden": [50]}, "train": {"epochs": 10, "seed": 4},
+        "pipeline": ["train", "quantize"],
+        "quantize": {"bits": 4, "granularity": "grouped", "group_size": 32,
+                     "symmetric": false}}"#;
+    let job = submit(&s.res, spec).await;
+    let r = wait_job(&s.res, job, Duration::from_secs(120)).await;
+    assert_eq!(r.state, JobState::Completed, "{:?}", r.error);
+    let quantize = &r.steps[1];
+    let bytes = s
+        .res
+        .artifacts
+        .get(quantize.artifact.as_ref().expect("an artifact"))
+        .await
+        .unwrap();
+    assert_eq!(
+        u16::from_le_bytes([bytes[8], bytes[9]]),
+        3,
+        "format version"
+    );
+    let artifact = Artifact::from_bytes(&bytes).unwrap();
+    let row_groups: Vec<bool> = artifact
+        .layers
+        .iter()
+        .map(|l| match l.weight {
+            TensorData::QuantizedInt {
+                bits: 4,
+                group: 32,
+                row_groups,
+                ..
+            } => row_groups,
+            _ => panic!("not 4-bit groups of 32: {}", l.weight.kind()),
+        })
+        .collect();
+    // 64 inputs split into groups of 32; 50 do not.
+    assert_eq!(row_groups, [false, true]);
+    let engine = Engine::from_artifact(&artifact).unwrap();
+    assert_eq!(engine.int8_layers(), [true, true]);
+    let (_, test) = data::builtin("digits").unwrap();
+    let recomputed = evaluate(&engine, &test).accuracy;
+    let claimed = quantize.metrics["test_accuracy"];
+    assert!(
+        (recomputed - claimed).abs() < 1e-9,
+        "recomputed {recomputed} vs recorded {claimed}"
+    );
+    assert!(claimed > 0.9, "{claimed}");
     trainer.stop().await;
     quantizer.stop().await;
 }
