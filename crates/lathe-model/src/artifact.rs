@@ -181,6 +181,13 @@ pub fn scale_index(position: usize, group: usize, cols: usize, row_groups: bool)
     }
 }
 
+/// Whether groups of `group` scales restart at every row of `cols` (`row_groups`): only
+/// where that differs from groups over the row-major elements, a group shorter than a row
+/// that does not divide it.
+pub fn groups_restart_per_row(group: usize, cols: usize) -> bool {
+    group < cols && !cols.is_multiple_of(group.max(1))
+}
+
 /// The number of scales of a quantized tensor of `elements` in rows of `cols` (see
 /// [`scale_index`]).
 pub fn scale_count(elements: usize, group: usize, cols: usize, row_groups: bool) -> usize {

@@ -17,14 +17,14 @@
 //! An int8 or int4 layer (one scale per tensor, per output or per group of weights, stored
 //! dense or, for a pruned model, sparse) keeps its weights as `i8` and runs
 //! `u8 × i8` dot products with `i32` sums, one per run of inputs sharing a scale (AVX-512
-//! VNNI, or a scalar loop giving the same integers); each row's activations are rounded to `u8` over the layer's calibrated input
-//! range when the artifact stores one (static quantization: one pass over the row, no range
-//! to find first), or over the row's own range (dynamic, and for a row that falls off the
-//! calibrated range, which clamping would distort). Rows
-//! and batches run the same arithmetic, so they give identical answers; against the
-//! dequantized float model the difference is the activation rounding (the tests bound it
-//! and check that the classes agree on at least 99.5 % of the digits test rows). The
-//! per-row quantization and the finishing step are vectorized: before they were, they
+//! VNNI, or a scalar loop giving the same integers); each row's activations are rounded to
+//! `u8` over the layer's calibrated input range when the artifact stores one (static
+//! quantization: one pass over the row, no range to find first), or over the row's own range
+//! (dynamic, and for a row that falls off the calibrated range, which clamping would
+//! distort). Rows and batches run the same arithmetic, so they give identical answers;
+//! against the dequantized float model the difference is the activation rounding (the tests
+//! bound it and check that the classes agree on at least 99.5 % of the digits test rows).
+//! The per-row quantization and the finishing step are vectorized: before they were, they
 //! took about 80 % of an int8 batch and made it 2–3× slower than the float GEMM. A pruned
 //! integer model is compacted like a float one (its dequantized weights say which neurons
 //! and features can go), then each kept weight is turned back into its exact code: the
@@ -211,9 +211,8 @@ pub fn runs_on_int8_kernels(weight: &TensorData) -> bool {
 /// scale and zero point that turn each weight back into its exact code.
 #[derive(Debug, Clone)]
 struct Int8Meta {
-    /// Segments of inputs that share each output's scale (see [`segments`]).
-    n_seg: usize,
-    /// Each input's segment.
+    /// Each input's segment: the run of inputs sharing each output's scale (see
+    /// [`segment_length`]).
     segment: Vec<u32>,
     /// `[segment][n_out]`.
     scale: Vec<f32>,
@@ -283,7 +282,6 @@ fn int8_meta(
         }
     }
     Some(Int8Meta {
-        n_seg,
         segment: (0..n_in).map(|i| (i / d) as u32).collect(),
         scale,
         zero,
@@ -535,7 +533,7 @@ impl Engine {
                         n_in,
                         n_out,
                         &meta.segment,
-                        meta.n_seg,
+                        meta.scale.len() / n_out.max(1),
                         &meta.scale,
                     ),
                     // Symmetric weights need no zero-point term.
@@ -994,7 +992,6 @@ mod tests {
         ) {
             let n_out = cols.len();
             let meta = Int8Meta {
-                n_seg: 1,
                 segment: vec![0; 5],
                 scale: cols.iter().map(|c| c.0).collect(),
                 zero: cols.iter().map(|c| f32::from(c.1)).collect(),

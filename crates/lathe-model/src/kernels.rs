@@ -673,9 +673,10 @@ pub(crate) struct Int8Scratch {
 
 /// An int8 layer's outputs for `rows` rows of `x` (row-major, `w.n_in` each) into `y`
 /// (`w.n_out` each): each row quantized to `u8` ([`quantize_row`]: over `grid`, or the row's
-/// own range), one [`int8_dot`] per segment, and each segment's sum scaled by its own
-/// `scale` and `zero` (`[segment][n_out]`). A single row sums only its non-zero groups.
-/// Rows and batches go through the same arithmetic, so they give identical answers.
+/// own range), then one [`int8_dot`] in which each segment's sums take that segment's scale,
+/// then the zero points (`zero`, `[segment][n_out]`, empty when all are 0) and the bias. A
+/// single row sums only its non-zero groups. Rows and batches go through the same
+/// arithmetic, so they give identical answers.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn int8_layer(
     w: &Int8Weight,
@@ -726,10 +727,10 @@ pub(crate) fn int8_layer(
         };
         quants.push(quant);
         // With zero points: the sum of each segment's quantized inputs, `Σ xq − zx · n` (in
-        // units of `sx`). The zero-point term then cancels the rounding the dot product sees, so an
-        // output's error is bounded by `Σ |q − zero|` half steps; the exact `f32` sum would
-        // leave it at `Σ |q|`, many times more for groups whose zero point is far from 0 (a
-        // group of a pruned layer whose non-zeros share a sign).
+        // units of `sx`). The zero-point term then cancels the rounding the dot product sees,
+        // so an output's error is bounded by `Σ |q − zero|` half steps; the exact `f32` sum
+        // would leave it at `Σ |q|`, many times more for groups whose zero point is far from
+        // 0 (a group of a pruned layer whose non-zeros share a sign).
         if !zero.is_empty() {
             for &(start, end, len) in &w.segments {
                 let levels: u32 = q[4 * start as usize..4 * end as usize]
@@ -1055,36 +1056,14 @@ pub(crate) fn vnni_available() -> bool {
     }
 }
 
-/// The groups of four slots of segment `(start, end)` to sum: every one, or those in the
-/// sorted `active` list.
-#[derive(Clone)]
-enum SegmentGroups<'a> {
-    All(std::ops::Range<usize>),
-    Listed(std::slice::Iter<'a, u32>),
-}
-
-impl<'a> SegmentGroups<'a> {
-    fn new(start: u32, end: u32, active: Option<&'a [u32]>) -> SegmentGroups<'a> {
-        match active {
-            None => SegmentGroups::All(start as usize..end as usize),
-            Some(list) => {
-                let lo = list.partition_point(|&g| g < start);
-                let hi = list.partition_point(|&g| g < end);
-                SegmentGroups::Listed(list[lo..hi].iter())
-            }
-        }
-    }
-}
-
-impl Iterator for SegmentGroups<'_> {
-    type Item = usize;
-    #[inline(always)]
-    fn next(&mut self) -> Option<usize> {
-        match self {
-            SegmentGroups::All(range) => range.next(),
-            SegmentGroups::Listed(it) => it.next().map(|&g| g as usize),
-        }
-    }
+/// The groups of four slots of the segment `start..end` to sum: `None` for every one, or
+/// those in the sorted `active` list.
+fn listed_groups(active: Option<&[u32]>, start: u32, end: u32) -> Option<&[u32]> {
+    active.map(|list| {
+        let lo = list.partition_point(|&g| g < start);
+        let hi = list.partition_point(|&g| g < end);
+        &list[lo..hi]
+    })
 }
 
 /// The safe scalar kernel: the same integers as the VNNI one, scaled the same way.
@@ -1102,7 +1081,7 @@ fn int8_dot_portable(
     for r in 0..rows {
         for (s, &(start, end, _)) in w.segments.iter().enumerate() {
             sums.fill(0);
-            for g in SegmentGroups::new(start, end, active) {
+            let mut add_group = |g: usize| {
                 let block = &w.q4[g * pad * 4..(g + 1) * pad * 4];
                 for k in 0..4 {
                     let xv = i32::from(xq[r * stride + 4 * g + k]);
@@ -1113,6 +1092,10 @@ fn int8_dot_portable(
                         *a += xv * i32::from(quad[k]);
                     }
                 }
+            };
+            match listed_groups(active, start, end) {
+                None => (start as usize..end as usize).for_each(&mut add_group),
+                Some(list) => list.iter().for_each(|&g| add_group(g as usize)),
             }
             if single {
                 acc[r * pad..(r + 1) * pad].copy_from_slice(&sums);
@@ -1153,15 +1136,7 @@ unsafe fn int8_dot_vnni<const ROWS: usize>(
     let vectors = w.n_out_pad / INT8_LANES;
     for (s, &(start, end, _)) in w.segments.iter().enumerate() {
         // The segment's groups are found once, then summed for every chunk of outputs.
-        let listed = match active {
-            None => None,
-            Some(list) if w.segments.len() == 1 => Some(list),
-            Some(list) => {
-                let lo = list.partition_point(|&g| g < start);
-                let hi = list.partition_point(|&g| g < end);
-                Some(&list[lo..hi])
-            }
-        };
+        let listed = listed_groups(active, start, end);
         let mut v0 = 0;
         while v0 < vectors {
             // A fixed number of vectors per pass keeps every accumulator in a register.

@@ -216,7 +216,7 @@ pub fn quantize_tensor(
         (-128, 127)
     };
     let cols = shape.last().copied().unwrap_or(1).max(1);
-    let row_groups = group < cols && !cols.is_multiple_of(group);
+    let row_groups = crate::artifact::groups_restart_per_row(group, cols);
     // Each group's first position and values.
     let chunks: Vec<(usize, &[f32])> = if row_groups {
         values
@@ -406,7 +406,7 @@ fn coarsest_first(dims: &[(usize, usize)], group_size: usize) -> [Granularity; 3
         dims.iter()
             .map(|&(n_in, n_out)| {
                 let group = g.elements_per_scale(n_out, n_in);
-                let row_groups = group < n_in && !n_in.is_multiple_of(group);
+                let row_groups = crate::artifact::groups_restart_per_row(group, n_in);
                 crate::artifact::scale_count(n_out * n_in, group, n_in, row_groups)
             })
             .sum()

@@ -11,24 +11,17 @@ use lathe_model::data;
 use lathe_model::engine::{Engine, runs_on_int8_kernels};
 use lathe_model::eval::evaluate;
 use lathe_proto::{JobState, Stage};
-use lathe_runtime::service;
 use lathe_tests::*;
-use tokio_util::sync::CancellationToken;
 
-/// A stage replica running in this process until stopped.
-async fn start<H: lathe_runtime::StageHandler>(
-    url: &str,
-    id: &str,
-    name: &'static str,
-    h: H,
-) -> InProcess {
-    let res = connect(url, id).await;
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    let handle = tokio::spawn(async move {
-        service::serve(res, name, h, s).await.expect("stage serves");
-    });
-    InProcess { stop, handle }
+/// The served engine's accuracy on the digits test split, recomputed from the stored
+/// artifact, is the one its record claims.
+fn assert_recorded_accuracy(engine: &Engine, claimed: f64) {
+    let (_, test) = data::builtin("digits").unwrap();
+    let recomputed = evaluate(engine, &test).accuracy;
+    assert!(
+        (recomputed - claimed).abs() < 1e-9,
+        "recomputed {recomputed} vs recorded {claimed}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,8 +29,8 @@ async fn a_pruned_and_quantized_artifact_has_the_accuracy_its_record_claims() {
     let s = stack().await;
     let url = s.server.url();
     let trainer = start_trainer(&url, "t1").await;
-    let pruner = start(&url, "p1", "lathe-pruner", lathe_pruner::Pruner).await;
-    let quantizer = start(&url, "q1", "lathe-quantizer", lathe_quantizer::Quantizer).await;
+    let pruner = start_stage(&url, "p1", "lathe-pruner", lathe_pruner::Pruner).await;
+    let quantizer = start_stage(&url, "q1", "lathe-quantizer", lathe_quantizer::Quantizer).await;
     let spec =
         std::fs::read(proto_dir().join("examples/valid/digits-prune-quantize.json")).unwrap();
     let job = submit(&s.res, &spec).await;
@@ -72,13 +65,7 @@ async fn a_pruned_and_quantized_artifact_has_the_accuracy_its_record_claims() {
             layer.weight.kind()
         );
     }
-    let engine = Engine::from_artifact(&artifact).unwrap();
-    let (_, test) = data::builtin("digits").unwrap();
-    let recomputed = evaluate(&engine, &test).accuracy;
-    assert!(
-        (recomputed - claimed).abs() < 1e-9,
-        "recomputed {recomputed} vs recorded {claimed}"
-    );
+    assert_recorded_accuracy(&Engine::from_artifact(&artifact).unwrap(), claimed);
     trainer.stop().await;
     pruner.stop().await;
     quantizer.stop().await;
@@ -89,7 +76,7 @@ async fn an_auto_quantize_job_records_its_choice_and_stores_the_calibrated_range
     let s = stack().await;
     let url = s.server.url();
     let trainer = start_trainer(&url, "t1").await;
-    let quantizer = start(&url, "q1", "lathe-quantizer", lathe_quantizer::Quantizer).await;
+    let quantizer = start_stage(&url, "q1", "lathe-quantizer", lathe_quantizer::Quantizer).await;
     let spec = br#"{"name": "auto-int", "dataset": {"source": "builtin:digits"},
         "model": {"hidden": [64]}, "train": {"epochs": 20, "seed": 3},
         "pipeline": ["train", "quantize"], "quantize": {"bits": "auto"},
@@ -126,13 +113,9 @@ async fn an_auto_quantize_job_records_its_choice_and_stores_the_calibrated_range
     }
     // Whatever the search kept (grouped scales included), every layer runs on integers.
     assert_eq!(on_int8_kernels, artifact.layers.len(), "{details}");
-    let engine = Engine::from_artifact(&artifact).unwrap();
-    let (_, test) = data::builtin("digits").unwrap();
-    let recomputed = evaluate(&engine, &test).accuracy;
-    assert!(
-        (recomputed - quantize.metrics["test_accuracy"]).abs() < 1e-9,
-        "recomputed {recomputed} vs recorded {}",
-        quantize.metrics["test_accuracy"]
+    assert_recorded_accuracy(
+        &Engine::from_artifact(&artifact).unwrap(),
+        quantize.metrics["test_accuracy"],
     );
     trainer.stop().await;
     quantizer.stop().await;
@@ -146,7 +129,7 @@ async fn a_grouped_int4_job_stores_groups_per_row_and_is_served_from_its_codes()
     let s = stack().await;
     let url = s.server.url();
     let trainer = start_trainer(&url, "t1").await;
-    let quantizer = start(&url, "q1", "lathe-quantizer", lathe_quantizer::Quantizer).await;
+    let quantizer = start_stage(&url, "q1", "lathe-quantizer", lathe_quantizer::Quantizer).await;
     let spec = br#"{"name": "int4-groups", "dataset": {"source": "builtin:digits"},
         "model": {"hidden": [50]}, "train": {"epochs": 10, "seed": 4},
         "pipeline": ["train", "quantize"],
@@ -185,13 +168,8 @@ async fn a_grouped_int4_job_stores_groups_per_row_and_is_served_from_its_codes()
     assert_eq!(row_groups, [false, true]);
     let engine = Engine::from_artifact(&artifact).unwrap();
     assert_eq!(engine.int8_layers(), [true, true]);
-    let (_, test) = data::builtin("digits").unwrap();
-    let recomputed = evaluate(&engine, &test).accuracy;
     let claimed = quantize.metrics["test_accuracy"];
-    assert!(
-        (recomputed - claimed).abs() < 1e-9,
-        "recomputed {recomputed} vs recorded {claimed}"
-    );
+    assert_recorded_accuracy(&engine, claimed);
     assert!(claimed > 0.9, "{claimed}");
     trainer.stop().await;
     quantizer.stop().await;
@@ -200,7 +178,7 @@ async fn a_grouped_int4_job_stores_groups_per_row_and_is_served_from_its_codes()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quantize_job_with_three_bits_is_rejected_at_intake() {
     let s = stack().await;
-    let quantizer = start(
+    let quantizer = start_stage(
         &s.server.url(),
         "q1",
         "lathe-quantizer",

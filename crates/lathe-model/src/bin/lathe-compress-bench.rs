@@ -696,27 +696,18 @@ fn main() -> Result<(), Box<dyn Error>> {
         ] {
             println!("{label:<40} {row:>12.2} {batch_ms:>14.3} {bytes:>14}");
         }
-        println!(
-            "{:<40} {:>12.3} {:>14.3} {:>14.3}",
-            "ratio int8 static/float (< 1: better)",
-            q1 / f1,
-            qb / fb,
-            qr as f64 / fr as f64
-        );
-        println!(
-            "{:<40} {:>12.3} {:>14.3} {:>14.3}",
-            "ratio int8 dynamic/float",
-            d1 / f1,
-            db / fb,
-            dr as f64 / fr as f64
-        );
-        println!(
-            "{:<40} {:>12.3} {:>14.3} {:>14.3}",
-            "ratio int4 grouped 32/float",
-            g1 / f1,
-            gb / fb,
-            gr as f64 / fr as f64
-        );
+        for (label, row, batch_ms, bytes) in [
+            ("ratio int8 static/float (< 1: better)", q1, qb, qr),
+            ("ratio int8 dynamic/float", d1, db, dr),
+            ("ratio int4 grouped 32/float", g1, gb, gr),
+        ] {
+            println!(
+                "{label:<40} {:>12.3} {:>14.3} {:>14.3}",
+                row / f1,
+                batch_ms / fb,
+                bytes as f64 / fr as f64
+            );
+        }
         println!(
             "int4 grouped 32 on the integer kernels (per layer): {:?}",
             grouped_engine.int8_layers()
@@ -767,8 +758,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                 int8_engine.resident_weight_bytes(),
             );
             println!(
-                "
-engine, one thread: 90 % pruned, f32 (sparse kernels) vs + int8 (integer \
+                "\nengine, one thread: 90 % pruned, f32 (sparse kernels) vs + int8 (integer \
                  kernels {:?}), layers as run {:?}",
                 int8_engine.int8_layers(),
                 int8_engine.layer_shapes()
