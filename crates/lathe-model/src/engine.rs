@@ -937,10 +937,13 @@ fn from_lanes(lanes: &[f32], n: usize, width: usize, rows: &mut [f32]) {
 }
 
 /// The kernel int8 layers run on here: `"avx512-vnni"` (`u8 × i8` dot products, 64 a
-/// instruction) or `"scalar"` (the same integers, computed portably).
+/// instruction), `"avx2"` (`i16` pair products, 16 an instruction) or `"scalar"` (the same
+/// integers, computed portably).
 pub fn int8_kernel() -> &'static str {
     if kernels::vnni_available() {
         "avx512-vnni"
+    } else if kernels::avx2_available() {
+        "avx2"
     } else {
         "scalar"
     }

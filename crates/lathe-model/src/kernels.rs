@@ -669,6 +669,8 @@ pub(crate) struct Int8Scratch {
     /// With zero points: each row's quantized sum over each segment's inputs,
     /// `[row][segment]`.
     sums: Vec<f32>,
+    /// Rows' inputs widened for the AVX2 kernel (see [`int8_dot`]).
+    wide: Vec<u64>,
 }
 
 /// An int8 layer's outputs for `rows` rows of `x` (row-major, `w.n_in` each) into `y`
@@ -703,6 +705,7 @@ pub(crate) fn int8_layer(
         quants,
         staged,
         sums,
+        wide,
     } = scratch;
     let stride = w.row_stride();
     // Every byte of a row is written below (`quantize_row` zeroes its padding).
@@ -752,6 +755,7 @@ pub(crate) fn int8_layer(
         (rows == 1).then_some(active.as_slice()),
         acc,
         scaled,
+        wide,
     );
     let (n, pad) = (w.n_out, w.n_out_pad);
     for (r, (out, quant)) in y.chunks_exact_mut(n.max(1)).zip(quants.iter()).enumerate() {
@@ -838,7 +842,23 @@ pub(crate) fn quantize_row(
             // SAFETY: the CPU supports AVX-512F/BW, checked just above.
             return unsafe { quantize_row_avx512(x, input_scale, grid, xq) };
         }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { quantize_row_avx2(x, input_scale, grid, xq) };
+        }
     }
+    quantize_row_portable(x, input_scale, grid, xq)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quantize_row_avx2(
+    x: &[f32],
+    input_scale: Option<&[f32]>,
+    grid: Option<ActivationGrid>,
+    xq: &mut [u8],
+) -> RowQuant {
     quantize_row_portable(x, input_scale, grid, xq)
 }
 
@@ -853,7 +873,7 @@ fn quantize_row_avx512(
     quantize_row_portable(x, input_scale, grid, xq)
 }
 
-/// [`quantize_row`] in plain Rust, inlined into the wrapper above so that its loops
+/// [`quantize_row`] in plain Rust, inlined into the wrappers above so that its loops
 /// vectorize for the instruction set there.
 #[inline(always)]
 fn quantize_row_portable(
@@ -987,7 +1007,7 @@ fn quantize_row_on_grid<const SCALED: bool>(
 /// scaleₛ[o] · Σᵢ∈ₛ xq[r][i] · q[i][o]`, each segment's exact sum scaled and added in
 /// segment order. Both are `rows × n_out_pad`; the other is left empty. With `active`
 /// (sorted), only those groups of four are summed (the others must be all zero in every
-/// row).
+/// row). `wide` is scratch.
 pub(crate) fn int8_dot(
     w: &Int8Weight,
     xq: &[u8],
@@ -995,6 +1015,22 @@ pub(crate) fn int8_dot(
     active: Option<&[u32]>,
     acc: &mut Vec<i32>,
     scaled: &mut Vec<f32>,
+    wide: &mut Vec<u64>,
+) {
+    int8_dot_on(w, xq, rows, active, acc, scaled, wide, IntKernel::here());
+}
+
+/// [`int8_dot`] on the given kernel, which the CPU must have. `wide` is scratch.
+#[allow(clippy::too_many_arguments)]
+fn int8_dot_on(
+    w: &Int8Weight,
+    xq: &[u8],
+    rows: usize,
+    active: Option<&[u32]>,
+    acc: &mut Vec<i32>,
+    scaled: &mut Vec<f32>,
+    wide: &mut Vec<u64>,
+    kernel: IntKernel,
 ) {
     let stride = w.row_stride();
     assert_eq!(xq.len(), rows * stride, "int8_dot: xq length");
@@ -1013,33 +1049,53 @@ pub(crate) fn int8_dot(
     } else {
         scaled.resize(rows * w.n_out_pad, 0.0);
     }
+    if kernel == IntKernel::Portable {
+        int8_dot_portable(w, active, xq, rows, acc, scaled);
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = wide;
     #[cfg(target_arch = "x86_64")]
     {
-        if vnni_available() {
-            let pad = w.n_out_pad;
-            let mut r = 0;
-            while r < rows {
-                let (acc, scaled) = (
-                    acc.get_mut(r * pad..).unwrap_or_default(),
-                    scaled.get_mut(r * pad..).unwrap_or_default(),
-                );
-                let at = &xq[r * stride..];
-                // SAFETY: VNNI and AVX-512F/BW are available (checked); the asserts above
-                // and the slicing here give the kernel's bounds (see `int8_dot_vnni`).
-                unsafe {
-                    if r + 4 <= rows {
-                        int8_dot_vnni::<4>(w, active, at, acc, scaled);
-                        r += 4;
-                    } else {
-                        int8_dot_vnni::<1>(w, active, at, acc, scaled);
-                        r += 1;
-                    }
+        let pad = w.n_out_pad;
+        let mut r = 0;
+        while r < rows {
+            let (acc, scaled) = (
+                acc.get_mut(r * pad..).unwrap_or_default(),
+                scaled.get_mut(r * pad..).unwrap_or_default(),
+            );
+            let at = &xq[r * stride..];
+            let four = r + 4 <= rows;
+            if kernel == IntKernel::Avx2 {
+                // SAFETY: the CPU has AVX2 (the caller's contract).
+                unsafe { widen_avx2(&at[..if four { 4 } else { 1 } * stride], wide) };
+            }
+            // SAFETY: the CPU has the kernel's instructions (the caller's contract); the
+            // asserts above and the slicing here give the kernel's bounds (see
+            // `int8_dot_vnni` and `int8_dot_avx2`).
+            unsafe {
+                match (kernel, four) {
+                    (IntKernel::Vnni, true) => int8_dot_vnni::<4>(w, active, at, acc, scaled),
+                    (IntKernel::Vnni, false) => int8_dot_vnni::<1>(w, active, at, acc, scaled),
+                    (_, true) => int8_dot_avx2::<4>(w, active, wide, acc, scaled),
+                    (_, false) => int8_dot_avx2::<1>(w, active, wide, acc, scaled),
                 }
             }
-            return;
+            r += if four { 4 } else { 1 };
         }
     }
-    int8_dot_portable(w, active, xq, rows, acc, scaled);
+}
+
+/// Whether the AVX2 integer kernels can run here (used where VNNI is missing).
+pub(crate) fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Whether the VNNI kernel can run here.
@@ -1139,8 +1195,16 @@ unsafe fn int8_dot_vnni<const ROWS: usize>(
         let listed = listed_groups(active, start, end);
         let mut v0 = 0;
         while v0 < vectors {
-            // A fixed number of vectors per pass keeps every accumulator in a register.
-            let chunk = if vectors - v0 >= 4 { 4 } else { 1 };
+            // A fixed number of vectors per pass keeps every accumulator in a register: up
+            // to 16 for one row (of 32 registers; its weights are used once, straight from
+            // memory), so a layer of up to 256 outputs walks its groups once; 4 for four rows.
+            let left = vectors - v0;
+            let chunk = match left {
+                16.. if ROWS == 1 => 16,
+                8.. if ROWS == 1 => 8,
+                4.. => 4,
+                _ => 1,
+            };
             // One monomorphized loop per kind of group list: the hot loop of a single row
             // walks a slice, a batch's a range.
             macro_rules! run {
@@ -1149,10 +1213,19 @@ unsafe fn int8_dot_vnni<const ROWS: usize>(
                     // n_groups (the caller's contract for `active`, `segments` by
                     // construction); the rest is the caller's contract, passed on.
                     unsafe {
-                        if chunk == 4 {
-                            int8_dot_vnni_block::<ROWS, 4, _>(w, $groups, xq, acc, scaled, v0, s);
-                        } else {
-                            int8_dot_vnni_block::<ROWS, 1, _>(w, $groups, xq, acc, scaled, v0, s);
+                        match chunk {
+                            16 => int8_dot_vnni_block::<ROWS, 16, _>(
+                                w, $groups, xq, acc, scaled, v0, s,
+                            ),
+                            8 => int8_dot_vnni_block::<ROWS, 8, _>(
+                                w, $groups, xq, acc, scaled, v0, s,
+                            ),
+                            4 => int8_dot_vnni_block::<ROWS, 4, _>(
+                                w, $groups, xq, acc, scaled, v0, s,
+                            ),
+                            _ => int8_dot_vnni_block::<ROWS, 1, _>(
+                                w, $groups, xq, acc, scaled, v0, s,
+                            ),
                         }
                     }
                 };
@@ -1234,6 +1307,197 @@ unsafe fn int8_dot_vnni_block<const ROWS: usize, const BLOCKS: usize, G>(
     }
 }
 
+/// The AVX2 form of [`int8_dot_vnni`], for CPUs without VNNI: the same exact integers
+/// from `vpmaddwd`, which multiplies pairs of `i16` and adds each pair into an `i32`.
+/// Each group's codes for four outputs (16 bytes) are sign-extended to `i16`, the row's
+/// four inputs zero-extended and repeated, so one instruction gives every output's two
+/// half-sums (inputs 0–1 and 2–3); the halves are added once, after the last group.
+/// (`vpmaddubsw` multiplies the bytes directly, but it saturates its `i16` sums: 255 · 127
+/// twice does not fit.) `ROWS` rows at once share each widened code vector; the rows'
+/// inputs come widened too (`wide`: each group of four as four `u16` in a word, `ROWS ×
+/// n_groups` words), so that each is one broadcast load.
+///
+/// # Safety
+/// The CPU must support AVX2; `wide` must hold `ROWS × n_groups` words; the rest as for
+/// [`int8_dot_vnni`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn int8_dot_avx2<const ROWS: usize>(
+    w: &Int8Weight,
+    active: Option<&[u32]>,
+    xq: &[u64],
+    acc: &mut [i32],
+    scaled: &mut [f32],
+) {
+    debug_assert!(xq.len() >= ROWS * w.n_groups);
+    debug_assert!(acc.len().max(scaled.len()) >= ROWS * w.n_out_pad);
+    // Outputs in fours (one register of half-sums each); n_out_pad is a multiple of 16.
+    let quads = w.n_out_pad / 4;
+    for (s, &(start, end, _)) in w.segments.iter().enumerate() {
+        let listed = listed_groups(active, start, end);
+        let mut q0 = 0;
+        while q0 < quads {
+            // Sixteen registers: a row takes 8 accumulators (32 outputs), four rows 2 each.
+            let chunk = if ROWS > 1 || quads - q0 < 8 {
+                if ROWS > 1 { 2 } else { 4 }
+            } else {
+                8
+            };
+            macro_rules! run {
+                ($groups:expr) => {
+                    // SAFETY: q0 + chunk ≤ quads and s < segments; every group is below
+                    // n_groups (the caller's contract for `active`, `segments` by
+                    // construction); the rest is the caller's contract, passed on.
+                    unsafe {
+                        match chunk {
+                            8 => int8_dot_avx2_block::<ROWS, 8, _>(
+                                w, $groups, xq, acc, scaled, q0, s,
+                            ),
+                            4 => int8_dot_avx2_block::<ROWS, 4, _>(
+                                w, $groups, xq, acc, scaled, q0, s,
+                            ),
+                            _ => int8_dot_avx2_block::<ROWS, 2, _>(
+                                w, $groups, xq, acc, scaled, q0, s,
+                            ),
+                        }
+                    }
+                };
+            }
+            match listed {
+                None => run!(start as usize..end as usize),
+                Some(list) => run!(list.iter().map(|&g| g as usize)),
+            }
+            q0 += chunk;
+        }
+    }
+}
+
+/// Outputs `q0 · 4 .. (q0 + QUADS) · 4` of segment `s` of [`int8_dot_avx2`].
+///
+/// # Safety
+/// As for [`int8_dot_avx2`], `(q0 + QUADS) · 4 ≤ n_out_pad` with `QUADS` even, `s` below
+/// the number of segments, and every group `groups` yields below `n_groups`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn int8_dot_avx2_block<const ROWS: usize, const QUADS: usize, G>(
+    w: &Int8Weight,
+    groups: G,
+    xq: &[u64],
+    acc: &mut [i32],
+    scaled: &mut [f32],
+    q0: usize,
+    s: usize,
+) where
+    G: Iterator<Item = usize>,
+{
+    use std::arch::x86_64::*;
+    let (n_groups, pad) = (w.n_groups, w.n_out_pad);
+    let mut sums = [[_mm256_setzero_si256(); QUADS]; ROWS];
+    for g in groups {
+        // SAFETY: g < n_groups, so the group's n_out_pad × 4 bytes are inside q4, and
+        // (q0 + QUADS) · 4 ≤ n_out_pad keeps every 16-byte load inside the group.
+        let base = unsafe { w.q4.as_ptr().add((g * pad + q0 * 4) * 4) };
+        let mut wv = [_mm256_setzero_si256(); QUADS];
+        for (b, slot) in wv.iter_mut().enumerate() {
+            // SAFETY: see above.
+            *slot = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(base.add(b * 16).cast()) });
+        }
+        for (r, row_sums) in sums.iter_mut().enumerate() {
+            // SAFETY: r < ROWS and g < n_groups, inside xq (caller's contract).
+            let x = _mm256_set1_epi64x(unsafe { *xq.get_unchecked(r * n_groups + g) } as i64);
+            for (sum, wb) in row_sums.iter_mut().zip(&wv) {
+                *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(*wb, x));
+            }
+        }
+    }
+    let single = w.segments.len() == 1;
+    for (r, row_sums) in sums.iter().enumerate() {
+        for pair in 0..QUADS / 2 {
+            let total = add_halves(row_sums[2 * pair], row_sums[2 * pair + 1]);
+            let at = r * pad + (q0 + 2 * pair) * 4;
+            if single {
+                // SAFETY: r < ROWS and (q0 + 2 · pair + 2) · 4 ≤ n_out_pad, inside acc.
+                unsafe { _mm256_storeu_si256(acc.as_mut_ptr().add(at).cast(), total) };
+            } else {
+                // The portable kernel's `f += scale · a`, unfused, so both round alike.
+                // SAFETY: as above, inside scaled; s < segments keeps the scale load inside
+                // w.scale (segments × n_out_pad).
+                unsafe {
+                    let f = scaled.as_mut_ptr().add(at);
+                    let scale =
+                        _mm256_loadu_ps(w.scale.as_ptr().add(s * pad + (q0 + 2 * pair) * 4));
+                    let term = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(total));
+                    _mm256_storeu_ps(f, _mm256_add_ps(_mm256_loadu_ps(f), term));
+                }
+            }
+        }
+    }
+}
+
+/// `xq` (a whole number of groups of four) widened to `u16`, a group to a word of `wide`.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_avx2(xq: &[u8], wide: &mut Vec<u64>) {
+    use std::arch::x86_64::*;
+    let n = xq.len() / 4;
+    wide.clear();
+    wide.resize(n, 0);
+    let mut g = 0;
+    while g + 4 <= n {
+        // SAFETY: groups g..g + 4 are 16 bytes of xq and 4 words of wide.
+        unsafe {
+            let bytes = _mm_loadu_si128(xq.as_ptr().add(4 * g).cast());
+            _mm256_storeu_si256(wide.as_mut_ptr().add(g).cast(), _mm256_cvtepu8_epi16(bytes));
+        }
+        g += 4;
+    }
+    for (w, b) in wide[g..].iter_mut().zip(xq[4 * g..].chunks_exact(4)) {
+        *w = u64::from(b[0])
+            | (u64::from(b[1]) << 16)
+            | (u64::from(b[2]) << 32)
+            | (u64::from(b[3]) << 48);
+    }
+}
+
+/// Eight sums from two registers of half-sums, each holding four sums as adjacent pairs
+/// (`a = [s0 s0' s1 s1' s2 s2' s3 s3']`, `b` likewise for s4–s7): `[s0 … s7]` in order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn add_halves(
+    a: std::arch::x86_64::__m256i,
+    b: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // [s0 s1 s4 s5 | s2 s3 s6 s7], then the middle 64-bit halves swapped.
+    _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(a, b))
+}
+
+/// Which instructions an integer kernel runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IntKernel {
+    Vnni,
+    Avx2,
+    Portable,
+}
+
+impl IntKernel {
+    /// The best one this CPU has.
+    fn here() -> IntKernel {
+        if vnni_available() {
+            IntKernel::Vnni
+        } else if avx2_available() {
+            IntKernel::Avx2
+        } else {
+            IntKernel::Portable
+        }
+    }
+}
+
 /// One row's outputs from its integer sums (one segment): `y = bias + sx · scale ⊙ (acc −
 /// zx · colsum − zero · sum)`, where `(zero, sum)` are the zero points and the sum of the
 /// row's quantized inputs (`Σ xq − zx · n`), `None` without zero points; then ReLU when
@@ -1258,6 +1522,12 @@ pub(crate) fn int8_finish_row(
             unsafe { int8_finish_row_avx512(colsum, acc, quant, zero_sum, scale, bias, y, relu) };
             return;
         }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            unsafe { int8_finish_row_avx2(colsum, acc, quant, zero_sum, scale, bias, y, relu) };
+            return;
+        }
     }
     int8_finish_row_portable(colsum, acc, quant, zero_sum, scale, bias, y, relu);
 }
@@ -1278,7 +1548,23 @@ fn int8_finish_row_avx512(
     int8_finish_row_portable(colsum, acc, quant, zero_sum, scale, bias, y, relu);
 }
 
-/// [`int8_finish_row`] in plain Rust, inlined into the wrapper above.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn int8_finish_row_avx2(
+    colsum: &[i32],
+    acc: &[i32],
+    quant: RowQuant,
+    zero_sum: Option<(&[f32], f32)>,
+    scale: &[f32],
+    bias: &[f32],
+    y: &mut [f32],
+    relu: bool,
+) {
+    int8_finish_row_portable(colsum, acc, quant, zero_sum, scale, bias, y, relu);
+}
+
+/// [`int8_finish_row`] in plain Rust, inlined into the wrappers above.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn int8_finish_row_portable(
@@ -1342,6 +1628,12 @@ pub(crate) fn int8_finish_scaled(
             unsafe { int8_finish_scaled_avx512(w, f, quant, zero_sums, bias, y, relu) };
             return;
         }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            unsafe { int8_finish_scaled_avx2(w, f, quant, zero_sums, bias, y, relu) };
+            return;
+        }
     }
     int8_finish_scaled_portable(w, f, quant, zero_sums, bias, y, relu);
 }
@@ -1360,7 +1652,21 @@ fn int8_finish_scaled_avx512(
     int8_finish_scaled_portable(w, f, quant, zero_sums, bias, y, relu);
 }
 
-/// [`int8_finish_scaled`] in plain Rust, inlined into the wrapper above: the zero points'
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn int8_finish_scaled_avx2(
+    w: &Int8Weight,
+    f: &[f32],
+    quant: RowQuant,
+    zero_sums: Option<(&[f32], &[f32])>,
+    bias: &[f32],
+    y: &mut [f32],
+    relu: bool,
+) {
+    int8_finish_scaled_portable(w, f, quant, zero_sums, bias, y, relu);
+}
+
+/// [`int8_finish_scaled`] in plain Rust, inlined into the wrappers above: the zero points'
 /// term first, a pass per segment (only with zero points), then the rest in one pass.
 #[inline(always)]
 fn int8_finish_scaled_portable(
@@ -1591,6 +1897,18 @@ mod tests {
             .collect()
     }
 
+    /// Every integer kernel this CPU can run.
+    fn kernels_here() -> Vec<IntKernel> {
+        let mut kernels = vec![IntKernel::Portable];
+        if avx2_available() {
+            kernels.push(IntKernel::Avx2);
+        }
+        if vnni_available() {
+            kernels.push(IntKernel::Vnni);
+        }
+        kernels
+    }
+
     /// A quantized layer: `q` `[n_in][n_out]`, per-output scale and zero point.
     fn int8_case(n_in: usize, n_out: usize) -> (Vec<i8>, Vec<f32>, Vec<f32>) {
         let q: Vec<i8> = values(n_in * n_out, 8)
@@ -1603,7 +1921,7 @@ mod tests {
     }
 
     #[test]
-    fn the_vnni_and_scalar_int8_kernels_give_the_same_integers() {
+    fn the_vector_and_scalar_int8_kernels_give_the_same_integers() {
         for (n_in, n_out) in [(64, 256), (256, 128), (128, 10), (5, 130), (3, 1)] {
             let (q, scale, _) = int8_case(n_in, n_out);
             let w = Int8Weight::from_in_out(&q, n_in, n_out, &scale);
@@ -1629,14 +1947,36 @@ mod tests {
                         assert_eq!(expected[r * w.n_out_pad + o], plain);
                     }
                 }
-                let (mut acc, mut scaled) = (Vec::new(), Vec::new());
-                int8_dot(&w, &xq, rows, None, &mut acc, &mut scaled);
-                assert_eq!(acc, expected, "{n_in}x{n_out}, {rows} rows");
+                let (mut acc, mut scaled, mut wide) = (Vec::new(), Vec::new(), Vec::new());
                 let mut active = Vec::new();
                 if rows == 1 {
                     active_groups(&xq, &mut active);
-                    int8_dot(&w, &xq, 1, Some(&active), &mut acc, &mut scaled);
-                    assert_eq!(acc, expected, "{n_in}x{n_out}, active groups");
+                }
+                for kernel in kernels_here() {
+                    int8_dot_on(
+                        &w,
+                        &xq,
+                        rows,
+                        None,
+                        &mut acc,
+                        &mut scaled,
+                        &mut wide,
+                        kernel,
+                    );
+                    assert_eq!(acc, expected, "{n_in}x{n_out}, {rows} rows, {kernel:?}");
+                    if rows == 1 {
+                        int8_dot_on(
+                            &w,
+                            &xq,
+                            1,
+                            Some(&active),
+                            &mut acc,
+                            &mut scaled,
+                            &mut wide,
+                            kernel,
+                        );
+                        assert_eq!(acc, expected, "{n_in}x{n_out}, active groups, {kernel:?}");
+                    }
                 }
                 // Segments of 8 inputs (and the scaled sums they give): the same floats,
                 // which both kernels add up segment by segment in the same order.
@@ -1647,18 +1987,38 @@ mod tests {
                 if n_seg > 1 {
                     let mut expected = vec![0f32; rows * ws.n_out_pad];
                     int8_dot_portable(&ws, None, &xq, rows, &mut [], &mut expected);
-                    int8_dot(&ws, &xq, rows, None, &mut acc, &mut scaled);
-                    assert_eq!(scaled, expected, "{n_in}x{n_out} segments, {rows} rows");
-                    if rows == 1 {
-                        int8_dot(&ws, &xq, 1, Some(&active), &mut acc, &mut scaled);
-                        assert_eq!(scaled, expected, "{n_in}x{n_out} segments, active");
+                    for kernel in kernels_here() {
+                        int8_dot_on(
+                            &ws,
+                            &xq,
+                            rows,
+                            None,
+                            &mut acc,
+                            &mut scaled,
+                            &mut wide,
+                            kernel,
+                        );
+                        assert_eq!(scaled, expected, "{n_in}x{n_out} segments, {rows} rows");
+                        if rows == 1 {
+                            int8_dot_on(
+                                &ws,
+                                &xq,
+                                1,
+                                Some(&active),
+                                &mut acc,
+                                &mut scaled,
+                                &mut wide,
+                                kernel,
+                            );
+                            assert_eq!(scaled, expected, "{n_in}x{n_out} segments, active");
+                        }
                     }
                 }
             }
         }
         eprintln!(
-            "int8 kernel checked against the scalar one: vnni {}",
-            vnni_available()
+            "int8 kernels checked against the scalar one: {:?}",
+            kernels_here()
         );
     }
 
