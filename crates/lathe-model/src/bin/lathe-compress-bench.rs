@@ -25,7 +25,7 @@ use lathe_model::quantize::{
 use lathe_model::train::{TrainConfig, train_mlp};
 use serde_json::{Value, json};
 
-/// The peer's figures as recorded in /work/shared/bench/README.md, for when its JSON is
+/// The peer's figures as recorded in the shared `bench/README.md`, for when its JSON is
 /// not at hand: (sparsity, test accuracy after fine-tuning, saved bytes).
 const README_PEER: &[(f64, f64, f64)] = &[(0.9, 0.9744, 206_037.0), (0.95, 0.8306, 206_037.0)];
 const README_PEER_DENSE: (f64, f64) = (0.975, 205_849.0);
