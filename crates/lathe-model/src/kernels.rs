@@ -497,8 +497,8 @@ pub(crate) fn sparse_row(
 }
 
 /// An int8 weight laid out for `u8 × i8` dot products with `i32` accumulation (AVX-512
-/// VNNI's `vpdpbusd`, or the scalar loop computing the same integers): input slots in groups
-/// of four, `q4[(g · n_out_pad + o) · 4 + k]` = the weight of the input in slot `4g + k`
+/// VNNI's `vpdpbusd`; AVX2's `vpmaddwd`, each group's codes for four outputs widened to one
+/// register; or the scalar loop computing the same integers): input slots in groups of four, `q4[(g · n_out_pad + o) · 4 + k]` = the weight of the input in slot `4g + k`
 /// into output `o`, zero-padded to whole groups and to a multiple of 16 outputs.
 ///
 /// The inputs fall into one or more *segments*: the inputs sharing each output's scale and
@@ -1171,7 +1171,7 @@ fn int8_dot_portable(
 
 /// `ROWS` rows at once: each weight vector loaded once, multiplied into `ROWS`
 /// accumulators; for each segment in turn, outputs in chunks of up to four vectors (64
-/// outputs). Sums every group, or the `active` ones. One segment's sums are stored as they
+/// outputs; one row: up to 16). Sums every group, or the `active` ones. One segment's sums are stored as they
 /// are (`acc`); several are scaled and added up in `scaled` (see [`int8_dot`]).
 ///
 /// # Safety
