@@ -17,7 +17,8 @@
 //! An int8 or int4 layer (one scale per tensor, per output or per group of weights, stored
 //! dense or, for a pruned model, sparse) keeps its weights as `i8` and runs
 //! `u8 × i8` dot products with `i32` sums, one per run of inputs sharing a scale (AVX-512
-//! VNNI, or a scalar loop giving the same integers); each row's activations are rounded to
+//! VNNI, AVX2, or a scalar loop, all giving the same integers; [`int8_kernel`] says which
+//! runs here); each row's activations are rounded to
 //! `u8` over the layer's calibrated input range when the artifact stores one (static
 //! quantization: one pass over the row, no range to find first), or over the row's own range
 //! (dynamic, and for a row that falls off the calibrated range, which clamping would
@@ -940,13 +941,7 @@ fn from_lanes(lanes: &[f32], n: usize, width: usize, rows: &mut [f32]) {
 /// instruction), `"avx2"` (`i16` pair products, 16 an instruction) or `"scalar"` (the same
 /// integers, computed portably).
 pub fn int8_kernel() -> &'static str {
-    if kernels::vnni_available() {
-        "avx512-vnni"
-    } else if kernels::avx2_available() {
-        "avx2"
-    } else {
-        "scalar"
-    }
+    kernels::IntKernel::here().name()
 }
 
 /// The index of the largest logit; the first one on ties, and NaN never wins.

@@ -1087,7 +1087,7 @@ fn int8_dot_on(
 }
 
 /// Whether the AVX2 integer kernels can run here (used where VNNI is missing).
-pub(crate) fn avx2_available() -> bool {
+fn avx2_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2")
@@ -1099,7 +1099,7 @@ pub(crate) fn avx2_available() -> bool {
 }
 
 /// Whether the VNNI kernel can run here.
-pub(crate) fn vnni_available() -> bool {
+fn vnni_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -1479,7 +1479,7 @@ fn add_halves(
 
 /// Which instructions an integer kernel runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum IntKernel {
+pub(crate) enum IntKernel {
     Vnni,
     Avx2,
     Portable,
@@ -1487,13 +1487,22 @@ enum IntKernel {
 
 impl IntKernel {
     /// The best one this CPU has.
-    fn here() -> IntKernel {
+    pub(crate) fn here() -> IntKernel {
         if vnni_available() {
             IntKernel::Vnni
         } else if avx2_available() {
             IntKernel::Avx2
         } else {
             IntKernel::Portable
+        }
+    }
+
+    /// Its name, as `engine::int8_kernel` reports it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            IntKernel::Vnni => "avx512-vnni",
+            IntKernel::Avx2 => "avx2",
+            IntKernel::Portable => "scalar",
         }
     }
 }
