@@ -525,7 +525,24 @@ pub(crate) struct Int8Weight {
     segments: Vec<(u32, u32, u32)>,
     /// Each input's slot, where that is not its position.
     slots: Option<Vec<u32>>,
+    /// A pruned layer's non-zero codes by output, for its batches (see
+    /// [`Int8Weight::with_sparse_batches`]); `None` for the dense kernels only.
+    sparse: Option<SparseCodes>,
 }
+
+/// The non-zero codes of a one-segment int8 weight, by output: those of output `o` are
+/// `ptr[o]..ptr[o + 1]`, each with its input slot. Batches of a pruned layer sum only these
+/// ([`int8_sparse_layer_t`]) instead of every code of the dense layout.
+#[derive(Debug, Clone, PartialEq)]
+struct SparseCodes {
+    ptr: Vec<u32>,
+    slot: Vec<u16>,
+    code: Vec<i8>,
+}
+
+/// `2²⁴`: below it every integer is an `f32`, so sums of `u8 × i8` products that stay
+/// below it are exact in `f32` whatever the order of the additions.
+const F32_EXACT: i64 = 1 << 24;
 
 /// Outputs per vector of the int8 kernel (sixteen `i32` lanes).
 const INT8_LANES: usize = 16;
@@ -633,7 +650,56 @@ impl Int8Weight {
             scaled_colsum,
             segments,
             slots: (!identity).then_some(slot),
+            sparse: None,
         }
+    }
+
+    /// Keeps the non-zero codes by output beside the dense layout when at most
+    /// `max_density` of the codes are non-zero, so that batches sum only those
+    /// ([`int8_sparse_layer_t`]): a pruned layer's zeros otherwise cost the dense kernels as
+    /// much work as its weights. Only for one segment (a scale per output or per tensor),
+    /// and only when every output's sums are exact in `f32` (`255 · Σᵢ |q[i][o]| < 2²⁴`),
+    /// so that they are the same integers the dense kernels give and rows and batches
+    /// still agree exactly.
+    pub(crate) fn with_sparse_batches(mut self, max_density: f64) -> Int8Weight {
+        let stride = self.row_stride();
+        if self.segments.len() != 1 || stride > usize::from(u16::MAX) + 1 {
+            return self;
+        }
+        let pad = self.n_out_pad;
+        let code = |o: usize, p: usize| self.q4[((p / 4) * pad + o) * 4 + p % 4];
+        let nonzero = (0..self.n_out)
+            .flat_map(|o| (0..stride).map(move |p| (o, p)))
+            .filter(|&(o, p)| code(o, p) != 0)
+            .count();
+        let cells = (self.n_in * self.n_out).max(1);
+        let exact = (0..self.n_out).all(|o| {
+            let bound: i64 = (0..stride).map(|p| i64::from(code(o, p)).abs()).sum();
+            255 * bound < F32_EXACT
+        });
+        if nonzero as f64 / cells as f64 > max_density || !exact {
+            return self;
+        }
+        let mut codes = SparseCodes {
+            ptr: Vec::with_capacity(self.n_out + 1),
+            slot: Vec::with_capacity(nonzero),
+            code: Vec::with_capacity(nonzero),
+        };
+        codes.ptr.push(0);
+        for o in 0..self.n_out {
+            for p in (0..stride).filter(|&p| code(o, p) != 0) {
+                codes.slot.push(p as u16);
+                codes.code.push(code(o, p));
+            }
+            codes.ptr.push(codes.code.len() as u32);
+        }
+        self.sparse = Some(codes);
+        self
+    }
+
+    /// Whether batches sum only the non-zero codes (see [`Int8Weight::with_sparse_batches`]).
+    pub(crate) fn sparse_batches(&self) -> bool {
+        self.sparse.is_some()
     }
 
     /// Bytes held in memory.
@@ -642,6 +708,10 @@ impl Int8Weight {
             + 4 * (self.scale.len() + self.colsum.len() + self.scaled_colsum.len())
             + 12 * self.segments.len()
             + self.slots.as_ref().map_or(0, |s| 4 * s.len())
+            + self
+                .sparse
+                .as_ref()
+                .map_or(0, |s| 4 * s.ptr.len() + 2 * s.slot.len() + s.code.len())
     }
 
     /// The padded input width of one quantized row.
@@ -655,7 +725,7 @@ impl Int8Weight {
     }
 }
 
-/// Scratch space of [`int8_layer`], reused between calls.
+/// Scratch space of [`int8_layer`] and [`int8_sparse_layer_t`], reused between calls.
 #[derive(Debug, Default)]
 pub(crate) struct Int8Scratch {
     xq: Vec<u8>,
@@ -671,6 +741,8 @@ pub(crate) struct Int8Scratch {
     sums: Vec<f32>,
     /// Rows' inputs widened for the AVX2 kernel (see [`int8_dot`]).
     wide: Vec<u64>,
+    /// A sparse batch's quantized levels, transposed (see [`int8_sparse_layer_t`]).
+    lanes: Vec<f32>,
 }
 
 /// An int8 layer's outputs for `rows` rows of `x` (row-major, `w.n_in` each) into `y`
@@ -706,6 +778,7 @@ pub(crate) fn int8_layer(
         staged,
         sums,
         wide,
+        ..
     } = scratch;
     let stride = w.row_stride();
     // Every byte of a row is written below (`quantize_row` zeroes its padding).
@@ -1717,6 +1790,216 @@ pub(crate) fn active_groups(xq: &[u8], list: &mut Vec<u32>) {
     list.truncate(n);
 }
 
+/// An int8 layer with sparse batches ([`Int8Weight::with_sparse_batches`]) on
+/// [`SPARSE_LANES`] rows side by side, transposed like [`sparse_batch_t`]: `xt` is
+/// `[n_in][SPARSE_LANES]`, `yt` `[n_out][SPARSE_LANES]`. It computes what [`int8_layer`]
+/// computes for each row, to the bit, without its dense kernels' work on the zeros:
+/// - each lane is quantized as [`quantize_row`] quantizes a row (onto `grid`, or over the
+///   lane's own range when it falls off it or there is none), its levels kept as `f32`;
+/// - each output's non-zero codes multiply one contiguous vector of levels each. Every
+///   product and partial sum is an integer below 2²⁴ (checked when the codes were kept),
+///   so the `f32` sums are exact: the integers the dense kernels give, in any order;
+/// - the finishing step is [`int8_finish_row`]'s arithmetic, per lane: `a − zx · colsum`
+///   is again an exact integer, then the same multiplies and add.
+///
+/// Symmetric weights only (no zero points): [`Int8Weight::with_sparse_batches`] is only
+/// for those.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn int8_sparse_layer_t(
+    w: &Int8Weight,
+    input_scale: Option<&[f32]>,
+    grid: Option<ActivationGrid>,
+    bias: &[f32],
+    xt: &[f32],
+    yt: &mut [f32],
+    relu: bool,
+    scratch: &mut Int8Scratch,
+) {
+    let codes = w
+        .sparse
+        .as_ref()
+        .expect("int8_sparse_layer_t: a weight with sparse batches");
+    assert_eq!(
+        xt.len(),
+        w.n_in * SPARSE_LANES,
+        "int8_sparse_layer_t: xt length"
+    );
+    assert_eq!(
+        yt.len(),
+        w.n_out * SPARSE_LANES,
+        "int8_sparse_layer_t: yt length"
+    );
+    assert_eq!(bias.len(), w.n_out, "int8_sparse_layer_t: bias length");
+    if let Some(s) = input_scale {
+        assert_eq!(s.len(), w.n_in, "int8_sparse_layer_t: input_scale length");
+    }
+    let levels = &mut scratch.lanes;
+    levels.resize(w.n_in * SPARSE_LANES, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            unsafe {
+                int8_sparse_layer_t_avx512(w, codes, input_scale, grid, bias, xt, yt, relu, levels)
+            };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            unsafe {
+                int8_sparse_layer_t_avx2(w, codes, input_scale, grid, bias, xt, yt, relu, levels)
+            };
+            return;
+        }
+    }
+    int8_sparse_layer_t_portable::<false>(w, codes, input_scale, grid, bias, xt, yt, relu, levels);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn int8_sparse_layer_t_avx512(
+    w: &Int8Weight,
+    codes: &SparseCodes,
+    input_scale: Option<&[f32]>,
+    grid: Option<ActivationGrid>,
+    bias: &[f32],
+    xt: &[f32],
+    yt: &mut [f32],
+    relu: bool,
+    levels: &mut [f32],
+) {
+    int8_sparse_layer_t_portable::<true>(w, codes, input_scale, grid, bias, xt, yt, relu, levels);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn int8_sparse_layer_t_avx2(
+    w: &Int8Weight,
+    codes: &SparseCodes,
+    input_scale: Option<&[f32]>,
+    grid: Option<ActivationGrid>,
+    bias: &[f32],
+    xt: &[f32],
+    yt: &mut [f32],
+    relu: bool,
+    levels: &mut [f32],
+) {
+    int8_sparse_layer_t_portable::<true>(w, codes, input_scale, grid, bias, xt, yt, relu, levels);
+}
+
+/// A value rounded to its `u8` level as [`round_to_u8`] rounds it (`t` in `[0, 255]`, ties
+/// to even), kept as `f32`: the sum's rounding is the same, subtracting the constant again
+/// is exact.
+#[inline(always)]
+fn round_level(t: f32) -> f32 {
+    (t + ROUND_MAGIC) - ROUND_MAGIC
+}
+
+/// [`int8_sparse_layer_t`] in plain Rust, inlined into each `target_feature` wrapper so that
+/// its loops over the lanes vectorize. With `FUSED` the exact sums use fused multiply-adds;
+/// they are exact either way.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn int8_sparse_layer_t_portable<const FUSED: bool>(
+    w: &Int8Weight,
+    codes: &SparseCodes,
+    input_scale: Option<&[f32]>,
+    grid: Option<ActivationGrid>,
+    bias: &[f32],
+    xt: &[f32],
+    yt: &mut [f32],
+    relu: bool,
+    levels: &mut [f32],
+) {
+    const L: usize = SPARSE_LANES;
+    // Input `i`'s values in lane order, times its input scale when there is one.
+    let scaled = |i: usize, lanes: &mut [f32; L]| {
+        lanes.copy_from_slice(&xt[i * L..(i + 1) * L]);
+        if let Some(s) = input_scale {
+            for v in lanes.iter_mut() {
+                *v *= s[i];
+            }
+        }
+    };
+    let mut lane_values = [0f32; L];
+    // Each lane's grid: `x ≈ sx · (level − zx)`.
+    let mut sx = [0f32; L];
+    let mut zx = [0f32; L];
+    // Lanes to quantize over their own range (all of them without a grid).
+    let mut own = [grid.is_none(); L];
+    if let Some(g) = grid {
+        let (inv, offset) = (1.0 / g.scale, g.zero as f32);
+        let mut lo = [offset; L];
+        let mut hi = [offset; L];
+        for (i, out) in levels.chunks_exact_mut(L).enumerate() {
+            scaled(i, &mut lane_values);
+            for r in 0..L {
+                let u = lane_values[r] * inv + offset;
+                lo[r] = if u < lo[r] { u } else { lo[r] };
+                hi[r] = if u > hi[r] { u } else { hi[r] };
+                out[r] = round_level(u.clamp(0.0, 255.0));
+            }
+        }
+        for r in 0..L {
+            own[r] = !ActivationGrid::within(lo[r]) || !ActivationGrid::within(hi[r]);
+        }
+        sx = [g.scale; L];
+        zx = [offset; L];
+    }
+    if own.iter().any(|&o| o) {
+        // Each lane's range, as `quantize_row` finds a row's: from 0, over every value.
+        let mut lo = [0f32; L];
+        let mut hi = [0f32; L];
+        for i in 0..w.n_in {
+            scaled(i, &mut lane_values);
+            for r in 0..L {
+                let v = lane_values[r];
+                lo[r] = if v < lo[r] { v } else { lo[r] };
+                hi[r] = if v > hi[r] { v } else { hi[r] };
+            }
+        }
+        let mut inv = [0f32; L];
+        for r in (0..L).filter(|&r| own[r]) {
+            let g = ActivationGrid::spanning(lo[r], hi[r]);
+            (sx[r], zx[r], inv[r]) = (g.scale, g.zero as f32, 1.0 / g.scale);
+        }
+        for (i, out) in levels.chunks_exact_mut(L).enumerate() {
+            scaled(i, &mut lane_values);
+            for r in 0..L {
+                let level = round_level((lane_values[r] * inv[r] + zx[r]).clamp(0.0, 255.0));
+                out[r] = if own[r] { level } else { out[r] };
+            }
+        }
+    }
+    for (o, out) in yt.chunks_exact_mut(L).enumerate() {
+        let mut acc = [0f32; L];
+        let (start, end) = (codes.ptr[o] as usize, codes.ptr[o + 1] as usize);
+        for (&p, &q) in codes.slot[start..end].iter().zip(&codes.code[start..end]) {
+            let at = usize::from(p) * L;
+            let x: &[f32; L] = levels[at..at + L]
+                .try_into()
+                .expect("lane slice has SPARSE_LANES elements");
+            let q = f32::from(q);
+            for (a, &xv) in acc.iter_mut().zip(x) {
+                *a = if FUSED {
+                    q.mul_add(xv, *a)
+                } else {
+                    *a + q * xv
+                };
+            }
+        }
+        let (b, s, c) = (bias[o], w.scale[o], w.colsum[o] as f32);
+        for r in 0..L {
+            let t = acc[r] - zx[r] * c;
+            let v = b + sx[r] * (s * t);
+            out[r] = if relu { v.max(0.0) } else { v };
+        }
+    }
+}
+
 /// Rows processed side by side by the sparse batch kernel: one output's accumulators for
 /// this many rows fill four 512-bit registers, like the row kernel's `BLOCK`.
 pub(crate) const SPARSE_LANES: usize = BLOCK;
@@ -2162,6 +2445,124 @@ mod tests {
                 assert_ne!((a.scale, a.zero), (grid.scale, grid.zero));
             }
         }
+    }
+
+    #[test]
+    fn sparse_int8_batches_give_the_same_bits_as_the_dense_integer_kernels() {
+        // A pruned layer: about one code in five non-zero, the extremes included.
+        let sparse_codes = |n_in: usize, n_out: usize, seed: u32| -> Vec<i8> {
+            values(n_in * n_out, seed)
+                .iter()
+                .enumerate()
+                .map(|(k, &v)| match k % 10 {
+                    0 => (v * 127.0) as i8,
+                    1 => 127,
+                    2 if k % 20 == 2 => -128,
+                    _ => 0,
+                })
+                .collect()
+        };
+        for (n_in, n_out, rows) in [(51, 151, 64), (151, 121, 37), (7, 3, 64), (130, 20, 1)] {
+            let q = sparse_codes(n_in, n_out, 3);
+            let scale: Vec<f32> = (0..n_out).map(|o| 0.01 + o as f32 * 1e-4).collect();
+            let bias = values(n_out, 4);
+            let w = Int8Weight::from_in_out(&q, n_in, n_out, &scale).with_sparse_batches(0.35);
+            assert!(w.sparse_batches(), "{n_in}×{n_out}");
+            let s: Vec<f32> = (0..n_in).map(|i| 0.5 + (i % 3) as f32 * 0.25).collect();
+            // Rows of the first layer (signed) and of hidden ones (ReLU outputs), and rows
+            // far off the calibrated range, which are quantized over their own.
+            let mut x: Vec<f32> = values(rows * n_in, 5).iter().map(|v| v * 2.0).collect();
+            for (k, v) in x.iter_mut().enumerate() {
+                if (k / n_in) % 3 == 1 {
+                    *v = v.abs();
+                }
+                if k % (5 * n_in + 1) == 2 {
+                    *v *= 40.0;
+                }
+            }
+            let mut xt = vec![f32::NAN; n_in * SPARSE_LANES];
+            for (r, row) in x.chunks_exact(n_in).enumerate() {
+                for (i, &v) in row.iter().enumerate() {
+                    xt[i * SPARSE_LANES + r] = v;
+                }
+            }
+            // Lanes past the last row hold leftovers, as in the engine.
+            for lane in xt.chunks_exact_mut(SPARSE_LANES) {
+                lane[rows..].fill(3.5);
+            }
+            for grid in [None, Some(ActivationGrid::spanning(-2.0, 2.0))] {
+                for input_scale in [None, Some(s.as_slice())] {
+                    for relu in [false, true] {
+                        let mut scratch = Int8Scratch::default();
+                        let mut yt = vec![f32::NAN; n_out * SPARSE_LANES];
+                        int8_sparse_layer_t(
+                            &w,
+                            input_scale,
+                            grid,
+                            &bias,
+                            &xt,
+                            &mut yt,
+                            relu,
+                            &mut scratch,
+                        );
+                        let mut y = vec![0f32; rows * n_out];
+                        int8_layer(
+                            &w,
+                            &[],
+                            input_scale,
+                            grid,
+                            &bias,
+                            &x,
+                            rows,
+                            &mut y,
+                            relu,
+                            &mut scratch,
+                        );
+                        for r in 0..rows {
+                            for o in 0..n_out {
+                                assert_eq!(
+                                    yt[o * SPARSE_LANES + r].to_bits(),
+                                    y[r * n_out + o].to_bits(),
+                                    "{n_in}×{n_out} row {r} output {o} {grid:?} {relu}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_exact_one_segment_layers_sparse_enough_keep_sparse_batches() {
+        let scale = vec![0.01f32; 8];
+        let dense_codes = vec![3i8; 40 * 8];
+        let w = Int8Weight::from_in_out(&dense_codes, 40, 8, &scale);
+        assert!(!w.clone().with_sparse_batches(0.35).sparse_batches());
+        assert!(w.with_sparse_batches(1.0).sparse_batches());
+        // Grouped scales (two segments) stay on the dense kernels.
+        let mut codes = vec![0i8; 40 * 8];
+        codes[0] = 5;
+        let grouped = Int8Weight::with_segments(
+            &codes,
+            40,
+            8,
+            &(0..40).map(|i| u32::from(i >= 20)).collect::<Vec<_>>(),
+            2,
+            &[0.01; 16],
+        );
+        assert!(!grouped.with_sparse_batches(0.35).sparse_batches());
+        // An output whose sums could reach 2²⁴ (255 · 127 · 519 > 2²⁴) would not be exact
+        // in `f32`; one code fewer fits.
+        let mut wide = vec![0i8; 2000];
+        for v in wide.iter_mut().take(519) {
+            *v = 127;
+        }
+        let w = Int8Weight::from_in_out(&wide, 2000, 1, &[0.01]);
+        assert!(!w.with_sparse_batches(0.35).sparse_batches());
+        wide[518] = 0;
+        let fits = Int8Weight::from_in_out(&wide, 2000, 1, &[0.01]);
+        assert!(fits.with_sparse_batches(0.35).sparse_batches());
     }
 
     #[test]

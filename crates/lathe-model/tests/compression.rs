@@ -112,6 +112,15 @@ fn pruning_then_int8_is_twenty_times_smaller_within_half_a_point() {
     // takes in f32 on the sparse kernels, close to its dequantized form, and rows and
     // batches give identical answers.
     assert_eq!(engine.int8_layers(), [true, true, true]);
+    // Where the engine allows it (not on VNNI), its batches sum only the non-zero codes of
+    // the sparsest layers, in exact integers: the row/batch identity below covers them.
+    if lathe_model::engine::int8_sparse_max_density().is_some() {
+        assert!(
+            engine.sparse_layers().contains(&true),
+            "{:?}",
+            engine.sparse_layers()
+        );
+    }
     let sparse_f32 = Engine::from_artifact(&pruned.artifact).unwrap();
     assert!(
         engine.resident_weight_bytes() * 2 < sparse_f32.resident_weight_bytes(),

@@ -759,8 +759,9 @@ fn main() -> Result<(), Box<dyn Error>> {
             );
             println!(
                 "\nengine, one thread: 90 % pruned, f32 (sparse kernels) vs + int8 (integer \
-                 kernels {:?}), layers as run {:?}",
+                 kernels {:?}, batches on the sparse codes {:?}), layers as run {:?}",
                 int8_engine.int8_layers(),
+                int8_engine.sparse_layers(),
                 int8_engine.layer_shapes()
             );
             println!(
@@ -782,7 +783,8 @@ fn main() -> Result<(), Box<dyn Error>> {
             pruned_engines = json!({
                 "pruned90_f32": {"row_p50_us": s1, "batch_1000_ms": sb, "resident_bytes": sr},
                 "pruned90_int8": {"row_p50_us": i1, "batch_1000_ms": ib, "resident_bytes": ir,
-                    "int8_layers": int8_engine.int8_layers(), "layers_as_run": int8_engine.layer_shapes()}});
+                    "int8_layers": int8_engine.int8_layers(), "sparse_batch_layers": int8_engine.sparse_layers(),
+                    "layers_as_run": int8_engine.layer_shapes()}});
         }
         println!(
             "(Deep Compression reports 40× for prune + quantize + Huffman on LeNet-300-100; \
