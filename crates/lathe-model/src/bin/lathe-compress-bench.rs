@@ -164,36 +164,51 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-/// (single-row p50 µs, batch-1000 median ms) of an engine.
-fn time(
-    engine: &Engine,
+/// Rounds the timings of engines compared with each other are split into: each round
+/// times every engine in turn, so that a slow spell of a shared machine (seconds long)
+/// falls on all of them instead of on whichever was being timed, and their ratios hold.
+const ROUNDS: usize = 10;
+
+/// (single-row p50 µs, batch-1000 median ms) of each engine, timed in [`ROUNDS`]
+/// interleaved rounds of `calls / ROUNDS` single rows and `batch_reps / ROUNDS` batches.
+fn time<const N: usize>(
+    engines: [&Engine; N],
     splits: &Splits,
     batch: &[f32],
     args: &Args,
-) -> Result<(f64, f64), Box<dyn Error>> {
+) -> Result<[(f64, f64); N], Box<dyn Error>> {
     let test = &splits.test;
-    for i in 0..1000 {
-        black_box(engine.predict(test.row(i % test.rows()))?);
+    for engine in engines {
+        for i in 0..1000 {
+            black_box(engine.predict(test.row(i % test.rows()))?);
+        }
+        for _ in 0..5 {
+            black_box(engine.logits_batch(batch, 1000)?);
+        }
     }
-    let mut single = Vec::with_capacity(args.calls);
-    for i in 0..args.calls {
-        let row = test.row(i % test.rows());
-        let t = Instant::now();
-        black_box(engine.predict(black_box(row))?);
-        single.push(t.elapsed().as_secs_f64() * 1e6);
+    let mut single: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(args.calls));
+    let mut times: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(args.batch_reps));
+    for round in 0..ROUNDS {
+        for (e, engine) in engines.iter().enumerate() {
+            let calls = args.calls.div_ceil(ROUNDS);
+            for i in round * calls..(round + 1) * calls {
+                let row = test.row(i % test.rows());
+                let t = Instant::now();
+                black_box(engine.predict(black_box(row))?);
+                single[e].push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            for _ in 0..args.batch_reps.div_ceil(ROUNDS) {
+                let t = Instant::now();
+                black_box(engine.logits_batch(black_box(batch), 1000)?);
+                times[e].push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
     }
-    single.sort_by(f64::total_cmp);
-    for _ in 0..5 {
-        black_box(engine.logits_batch(batch, 1000)?);
-    }
-    let mut times = Vec::with_capacity(args.batch_reps);
-    for _ in 0..args.batch_reps {
-        let t = Instant::now();
-        black_box(engine.logits_batch(black_box(batch), 1000)?);
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok((quantile(&single, 0.5), quantile(&times, 0.5)))
+    Ok(std::array::from_fn(|e| {
+        single[e].sort_by(f64::total_cmp);
+        times[e].sort_by(f64::total_cmp);
+        (quantile(&single[e], 0.5), quantile(&times[e], 0.5))
+    }))
 }
 
 fn row(label: &str, o: &PruneOutcome, dense_bytes: usize, base: f64, seconds: f64) -> Value {
@@ -340,11 +355,9 @@ fn main() -> Result<(), Box<dyn Error>> {
         let dense_engine = Engine::from_artifact(&dense)?;
         let sparse_engine = Engine::from_artifact(&pruned.artifact)?;
         let forced_dense = Engine::with_kernels(&pruned.artifact, KernelChoice::DenseOnly)?;
-        let (d1, db) = time(&dense_engine, &splits, &batch, &args)?;
-        let (s1, sb) = time(&sparse_engine, &splits, &batch, &args)?;
-        let (f1, fb) = time(&forced_dense, &splits, &batch, &args)?;
-        let (t1, tb) = time(
-            &Engine::from_artifact(&kept_structured.artifact)?,
+        let structured = Engine::from_artifact(&kept_structured.artifact)?;
+        let [(d1, db), (s1, sb), (f1, fb), (t1, tb)] = time(
+            [&dense_engine, &sparse_engine, &forced_dense, &structured],
             &splits,
             &batch,
             &args,
@@ -673,10 +686,17 @@ fn main() -> Result<(), Box<dyn Error>> {
         let int8_engine = Engine::from_artifact(q)?;
         let dynamic_engine = Engine::from_artifact(d)?;
         let grouped_engine = Engine::from_artifact(g)?;
-        let (f1, fb) = time(&float_engine, &splits, &batch, &args)?;
-        let (q1, qb) = time(&int8_engine, &splits, &batch, &args)?;
-        let (d1, db) = time(&dynamic_engine, &splits, &batch, &args)?;
-        let (g1, gb) = time(&grouped_engine, &splits, &batch, &args)?;
+        let [(f1, fb), (q1, qb), (d1, db), (g1, gb)] = time(
+            [
+                &float_engine,
+                &int8_engine,
+                &dynamic_engine,
+                &grouped_engine,
+            ],
+            &splits,
+            &batch,
+            &args,
+        )?;
         let gr = grouped_engine.resident_weight_bytes();
         println!("\nengine, one thread: float vs int8 per-channel (same run)");
         println!(
@@ -751,8 +771,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         if let (Some(p8), Some(p32)) = (&pruned_int8_model, &kept) {
             let f32_engine = Engine::from_artifact(&p32.artifact)?;
             let int8_engine = Engine::from_artifact(p8)?;
-            let (s1, sb) = time(&f32_engine, &splits, &batch, &args)?;
-            let (i1, ib) = time(&int8_engine, &splits, &batch, &args)?;
+            let [(s1, sb), (i1, ib)] = time([&f32_engine, &int8_engine], &splits, &batch, &args)?;
             let (sr, ir) = (
                 f32_engine.resident_weight_bytes(),
                 int8_engine.resident_weight_bytes(),
