@@ -30,9 +30,10 @@
 //! integer model is compacted like a float one (its dequantized weights say which neurons
 //! and features can go), then each kept weight is turned back into its exact code: the
 //! zeros left inside the compacted layers cost a byte each on the dense integer kernels.
-//! Where [`int8_sparse_max_density`] allows, a sparse enough symmetric layer also keeps its
-//! non-zero codes, and its batches multiply only those, [`kernels::SPARSE_LANES`] rows side
-//! by side, with sums that are exact integers in `f32` (the same as the dense kernels').
+//! Where [`int8_sparse_max_density`] allows, a sparse enough symmetric layer (or a narrow one
+//! after such a layer, [`INT8_AFTER_SPARSE_MAX_INPUTS`]) also keeps its non-zero codes, and
+//! its batches multiply only those, [`kernels::SPARSE_LANES`] rows side by side, with sums
+//! that are exact integers in `f32` (the same as the dense kernels').
 
 use std::cell::RefCell;
 
@@ -56,13 +57,24 @@ pub const SPARSE_MAX_DENSITY: f64 = 0.35;
 /// batches at equal row latency).
 pub const ROW_SPARSE_MAX_DENSITY: f64 = 0.02;
 
+/// The most inputs an int8 layer may have to run its batches on the sparse integer path
+/// whatever its density when the layer before it does (see [`int8_sparse_max_density`]):
+/// its activations then arrive transposed, and at any density that path does as much
+/// arithmetic per code as AVX2's dense kernel, without transposing 64 rows back and
+/// quantizing them one at a time. Up to 128 inputs its levels for 64 rows (32 kB) stay in
+/// the L1 cache. The last layer of the 90 % pruned digits model (121 inputs, 73 % non-zero
+/// codes) made its batch 0.45–0.50 ms against 0.63–0.67 ms (three alternating runs); a
+/// dense model's layers, whose inputs arrive row-major, measured slower on it.
+pub const INT8_AFTER_SPARSE_MAX_INPUTS: usize = 128;
+
 /// The largest share of non-zero codes at which a symmetric int8 layer's batches run on
 /// the sparse integer path (`kernels::int8_sparse_layer_t`: each non-zero code times
 /// [`SPARSE_LANES`] rows' levels, exact sums in `f32`), or `None` where they stay on the
 /// dense integer kernels. Where those are AVX2's or the scalar loop, the sparse path does
 /// as much arithmetic per stored code as they do per code, so it takes the `f32` threshold
 /// ([`SPARSE_MAX_DENSITY`]): on an AVX2 machine the 90 % pruned digits model's batch of
-/// 1 000 went from 2–2.4× the pruned `f32` model's time to about 1.3×. VNNI multiplies 64
+/// 1 000 went from 1.9–2.4× the pruned `f32` model's time to 1.14–1.19× (with
+/// [`INT8_AFTER_SPARSE_MAX_INPUTS`]). VNNI multiplies 64
 /// codes an instruction, four times the 16 lanes of an AVX-512 multiply-add, so there the
 /// sparse path only does less work below a quarter of the codes; it has not been measured
 /// on a VNNI machine, so VNNI keeps the dense kernels it was measured with.
@@ -158,6 +170,15 @@ enum Weight {
 }
 
 impl Weight {
+    /// Whether batches run this weight on a sparse kernel (over transposed activations).
+    fn sparse_batches(&self) -> bool {
+        match self {
+            Weight::Sparse(_) | Weight::Both(..) => true,
+            Weight::Int8 { w, .. } => w.sparse_batches(),
+            Weight::Dense(_) => false,
+        }
+    }
+
     /// Runs an int8 layer on `rows` rows of `x` into `y` (row-major); `None` when the
     /// weight is not int8.
     fn run_int8(
@@ -559,7 +580,13 @@ impl Engine {
                 let symmetric = meta.zero.iter().all(|z| *z == 0.0);
                 Weight::Int8 {
                     w: match int8_sparse_max_density() {
-                        Some(max) if symmetric => w.with_sparse_batches(max),
+                        Some(max) if symmetric => {
+                            let follows = layers
+                                .last()
+                                .is_some_and(|l: &Layer| l.weight.sparse_batches())
+                                && n_in <= INT8_AFTER_SPARSE_MAX_INPUTS;
+                            w.with_sparse_batches(if follows { 1.0 } else { max })
+                        }
                         _ => w,
                     },
                     zero: if symmetric { Vec::new() } else { meta.zero },
@@ -606,11 +633,7 @@ impl Engine {
     pub fn sparse_layers(&self) -> Vec<bool> {
         self.layers
             .iter()
-            .map(|l| match &l.weight {
-                Weight::Sparse(_) | Weight::Both(..) => true,
-                Weight::Int8 { w, .. } => w.sparse_batches(),
-                Weight::Dense(_) => false,
-            })
+            .map(|l| l.weight.sparse_batches())
             .collect()
     }
 
@@ -686,8 +709,13 @@ impl Engine {
             });
         }
         // One pass to find out whether anything is wrong; the position is only looked up
-        // on the error path, so a valid batch pays for a single vectorized scan.
-        if !rows.iter().all(|v| v.is_finite()) {
+        // on the error path, so a valid batch pays for a single vectorized scan. Folded
+        // over blocks without an early exit inside them, which vectorizes (`all`'s exit at
+        // each value did not, and cost about a tenth of a pruned model's batch).
+        if !rows
+            .chunks(256)
+            .all(|block| block.iter().fold(true, |ok, v| ok & v.is_finite()))
+        {
             let at = rows.iter().position(|v| !v.is_finite()).unwrap_or(0);
             let feature = at % n_features.max(1);
             return Err(EngineError::NonFinite {
@@ -760,21 +788,19 @@ impl Engine {
     /// The batch path on checked rows: chunks of rows through GEMMs and int8 kernels, or
     /// the mixed path when a layer is sparse.
     fn logits_batch_checked(&self, rows: &[f32], n_rows: usize) -> Vec<f32> {
+        if self.sparse_layers().contains(&true) {
+            return self.logits_batch_mixed(rows, n_rows);
+        }
         if let Some(map) = &self.input_map {
-            let gathered: Vec<f32> = rows
-                .chunks_exact(self.n_features.max(1))
-                .flat_map(|row| map.iter().map(|&f| row[f as usize]))
-                .collect();
+            let mut gathered = vec![0f32; n_rows * map.len()];
+            gather(rows, self.n_features, map, &mut gathered);
             return self.logits_batch_layers(&gathered, n_rows);
         }
         self.logits_batch_layers(rows, n_rows)
     }
 
-    /// The batch path on rows of the first layer's inputs.
+    /// The batch path on rows of the first layer's inputs when no layer is sparse.
     fn logits_batch_layers(&self, rows: &[f32], n_rows: usize) -> Vec<f32> {
-        if self.sparse_layers().contains(&true) {
-            return self.logits_batch_mixed(rows, n_rows);
-        }
         let n_features = self.layers.first().map_or(0, |l| l.n_in);
         let n_classes = self.n_classes();
         let mut logits = vec![0f32; n_rows * n_classes];
@@ -826,6 +852,7 @@ impl Engine {
     /// activations are kept transposed (`[feature][lane]`) through sparse layers and
     /// row-major through dense ones, transposed only where the kind changes.
     fn logits_batch_mixed(&self, rows: &[f32], n_rows: usize) -> Vec<f32> {
+        let n_raw = self.n_features.max(1);
         let n_features = self.layers.first().map_or(0, |l| l.n_in).max(1);
         let n_classes = self.n_classes();
         let mut logits = vec![0f32; n_rows * n_classes];
@@ -833,23 +860,32 @@ impl Engine {
         let mut current = vec![0f32; SPARSE_LANES * width];
         let mut next = vec![0f32; SPARSE_LANES * width];
         let last = self.layers.len() - 1;
+        let map = self.input_map.as_deref();
+        let first_sparse = self
+            .layers
+            .first()
+            .is_some_and(|l| l.weight.sparse_batches());
         for (input_rows, out_logits) in rows
-            .chunks(SPARSE_LANES * n_features)
+            .chunks(SPARSE_LANES * n_raw)
             .zip(logits.chunks_mut(SPARSE_LANES * n_classes.max(1)))
         {
-            let n = input_rows.len() / n_features;
-            current[..input_rows.len()].copy_from_slice(input_rows);
+            let n = input_rows.len() / n_raw;
+            // The raw rows go straight to the first layer's layout, picking the features
+            // it reads on the way (one pass instead of a gather and a transpose).
+            if first_sparse {
+                to_lanes(input_rows, n, n_raw, map, &mut current);
+            } else if let Some(map) = map {
+                gather(input_rows, n_raw, map, &mut current[..n * map.len()]);
+            } else {
+                current[..input_rows.len()].copy_from_slice(input_rows);
+            }
             // Whether `current` holds `[feature][lane]` (true) or `[row][feature]`.
-            let mut transposed = false;
+            let mut transposed = first_sparse;
             for (i, layer) in self.layers.iter().enumerate() {
                 let relu = i < last;
-                let sparse = match &layer.weight {
-                    Weight::Sparse(_) | Weight::Both(..) => true,
-                    Weight::Int8 { w, .. } => w.sparse_batches(),
-                    Weight::Dense(_) => false,
-                };
+                let sparse = layer.weight.sparse_batches();
                 if sparse && !transposed {
-                    to_lanes(&current[..n * layer.n_in], n, layer.n_in, &mut next);
+                    to_lanes(&current[..n * layer.n_in], n, layer.n_in, None, &mut next);
                     std::mem::swap(&mut current, &mut next);
                     transposed = true;
                 }
@@ -958,12 +994,33 @@ fn f32_values(
     }
 }
 
-/// `[n][width]` rows → `[width][SPARSE_LANES]` lanes; lanes past `n` are zero.
-fn to_lanes(rows: &[f32], n: usize, width: usize, lanes: &mut [f32]) {
-    lanes[..width * SPARSE_LANES].fill(0.0);
-    for r in 0..n {
-        for (f, &v) in rows[r * width..(r + 1) * width].iter().enumerate() {
-            lanes[f * SPARSE_LANES + r] = v;
+/// `[n][row_len]` rows → `[width][SPARSE_LANES]` lanes of the features `map` picks (all of
+/// them, in order, without one; `width` is how many); lanes past `n` are zero.
+fn to_lanes(rows: &[f32], n: usize, row_len: usize, map: Option<&[u32]>, lanes: &mut [f32]) {
+    let width = map.map_or(row_len, <[u32]>::len);
+    let rows = &rows[..n * row_len];
+    // Feature by feature: each lane vector is written whole, the rows (a few kB, in the L1
+    // cache) read across.
+    for (f, lane) in lanes[..width * SPARSE_LANES]
+        .chunks_exact_mut(SPARSE_LANES)
+        .enumerate()
+    {
+        let from = map.map_or(f, |m| m[f] as usize);
+        for (v, row) in lane.iter_mut().zip(rows.chunks_exact(row_len.max(1))) {
+            *v = row[from];
+        }
+        lane[n..].fill(0.0);
+    }
+}
+
+/// The features `map` picks of each `[row_len]` row of `rows`, row-major into `out`.
+fn gather(rows: &[f32], row_len: usize, map: &[u32], out: &mut [f32]) {
+    for (picked, row) in out
+        .chunks_exact_mut(map.len().max(1))
+        .zip(rows.chunks_exact(row_len.max(1)))
+    {
+        for (v, &from) in picked.iter_mut().zip(map) {
+            *v = row[from as usize];
         }
     }
 }
@@ -1017,6 +1074,34 @@ fn prediction(logits: &[f32]) -> Prediction {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn rows_go_to_lanes_picking_the_features_a_map_names() {
+        // Three rows of five features; the map keeps features 4, 0 and 2.
+        let rows: Vec<f32> = (0..15).map(|v| v as f32).collect();
+        let map = [4u32, 0, 2];
+        let mut lanes = vec![f32::NAN; 5 * SPARSE_LANES];
+        to_lanes(&rows, 3, 5, Some(&map), &mut lanes);
+        for (f, &from) in map.iter().enumerate() {
+            let lane = &lanes[f * SPARSE_LANES..(f + 1) * SPARSE_LANES];
+            assert_eq!(
+                lane[..3],
+                [from as f32, 5.0 + from as f32, 10.0 + from as f32]
+            );
+            assert!(
+                lane[3..].iter().all(|&v| v == 0.0),
+                "lanes past the rows are zero"
+            );
+        }
+        to_lanes(&rows, 2, 5, None, &mut lanes);
+        assert_eq!(
+            lanes[4 * SPARSE_LANES..4 * SPARSE_LANES + 3],
+            [4.0, 9.0, 0.0]
+        );
+        let mut picked = vec![0f32; 9];
+        gather(&rows, 5, &map, &mut picked);
+        assert_eq!(picked, [4.0, 0.0, 2.0, 9.0, 5.0, 7.0, 14.0, 10.0, 12.0]);
+    }
 
     proptest! {
         /// A weight dequantized as the artifact does it (`scale · (q − zero)` in `f32`) turns

@@ -120,6 +120,13 @@ fn pruning_then_int8_is_twenty_times_smaller_within_half_a_point() {
             "{:?}",
             engine.sparse_layers()
         );
+        // A narrow layer after one of those stays on that path, its activations transposed.
+        let (sparse, shapes) = (engine.sparse_layers(), engine.layer_shapes());
+        for l in 1..sparse.len() {
+            if sparse[l - 1] && shapes[l].0 <= lathe_model::engine::INT8_AFTER_SPARSE_MAX_INPUTS {
+                assert!(sparse[l], "{sparse:?} {shapes:?}");
+            }
+        }
     }
     let sparse_f32 = Engine::from_artifact(&pruned.artifact).unwrap();
     assert!(
