@@ -563,9 +563,10 @@ impl Engine {
         } in built
         {
             let weight = if let Some(meta) = int8 {
-                // A pruned integer layer runs on the dense integer kernels after compaction:
-                // its zeros cost a byte each there, against 4 bytes and an index for each
-                // non-zero on the sparse f32 kernels.
+                // A pruned integer layer's rows run on the dense integer kernels after
+                // compaction: its zeros cost a byte each there, against 4 bytes and an index
+                // for each non-zero on the sparse f32 kernels. Its batches may also keep the
+                // non-zero codes (below).
                 let w = Int8Weight::with_segments(
                     &int8_codes(&wt, n_out, &meta),
                     n_in,

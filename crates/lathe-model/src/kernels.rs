@@ -1861,59 +1861,53 @@ pub(crate) fn int8_sparse_layer_t(
     }
     let levels = &mut scratch.lanes;
     levels.resize(w.n_in * SPARSE_LANES, 0.0);
+    let layer = LanesLayer {
+        w,
+        codes,
+        input_scale,
+        grid,
+        bias,
+        xt,
+        relu,
+    };
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F, checked just above.
-            unsafe {
-                int8_sparse_layer_t_avx512(w, codes, input_scale, grid, bias, xt, yt, relu, levels)
-            };
+            unsafe { int8_sparse_layer_t_avx512(&layer, yt, levels) };
             return;
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            unsafe {
-                int8_sparse_layer_t_avx2(w, codes, input_scale, grid, bias, xt, yt, relu, levels)
-            };
+            unsafe { int8_sparse_layer_t_avx2(&layer, yt, levels) };
             return;
         }
     }
-    int8_sparse_layer_t_portable::<false>(w, codes, input_scale, grid, bias, xt, yt, relu, levels);
+    int8_sparse_layer_t_portable::<false>(&layer, yt, levels);
+}
+
+/// What [`int8_sparse_layer_t`] reads, passed whole to its per-instruction-set forms.
+struct LanesLayer<'a> {
+    w: &'a Int8Weight,
+    codes: &'a SparseCodes,
+    input_scale: Option<&'a [f32]>,
+    grid: Option<ActivationGrid>,
+    bias: &'a [f32],
+    xt: &'a [f32],
+    relu: bool,
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn int8_sparse_layer_t_avx512(
-    w: &Int8Weight,
-    codes: &SparseCodes,
-    input_scale: Option<&[f32]>,
-    grid: Option<ActivationGrid>,
-    bias: &[f32],
-    xt: &[f32],
-    yt: &mut [f32],
-    relu: bool,
-    levels: &mut [f32],
-) {
-    int8_sparse_layer_t_portable::<true>(w, codes, input_scale, grid, bias, xt, yt, relu, levels);
+fn int8_sparse_layer_t_avx512(layer: &LanesLayer, yt: &mut [f32], levels: &mut [f32]) {
+    int8_sparse_layer_t_portable::<true>(layer, yt, levels);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn int8_sparse_layer_t_avx2(
-    w: &Int8Weight,
-    codes: &SparseCodes,
-    input_scale: Option<&[f32]>,
-    grid: Option<ActivationGrid>,
-    bias: &[f32],
-    xt: &[f32],
-    yt: &mut [f32],
-    relu: bool,
-    levels: &mut [f32],
-) {
-    int8_sparse_layer_t_portable::<true>(w, codes, input_scale, grid, bias, xt, yt, relu, levels);
+fn int8_sparse_layer_t_avx2(layer: &LanesLayer, yt: &mut [f32], levels: &mut [f32]) {
+    int8_sparse_layer_t_portable::<true>(layer, yt, levels);
 }
 
 /// A value rounded to its `u8` level as [`round_to_u8`] rounds it (`t` in `[0, 255]`, ties
@@ -1928,18 +1922,20 @@ fn round_level(t: f32) -> f32 {
 /// its loops over the lanes vectorize. With `FUSED` the exact sums use fused multiply-adds;
 /// they are exact either way.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn int8_sparse_layer_t_portable<const FUSED: bool>(
-    w: &Int8Weight,
-    codes: &SparseCodes,
-    input_scale: Option<&[f32]>,
-    grid: Option<ActivationGrid>,
-    bias: &[f32],
-    xt: &[f32],
+    layer: &LanesLayer,
     yt: &mut [f32],
-    relu: bool,
     levels: &mut [f32],
 ) {
+    let &LanesLayer {
+        w,
+        codes,
+        input_scale,
+        grid,
+        bias,
+        xt,
+        relu,
+    } = layer;
     const L: usize = SPARSE_LANES;
     // Input `i`'s values in lane order, times its input scale when there is one.
     let scaled = |i: usize, lanes: &mut [f32; L]| {
