@@ -2584,6 +2584,60 @@ mod tests {
         }
     }
 
+    mod any_layer {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any layer shape (widths that are not multiples of four or sixteen included), any
+            /// codes and any rows: the sparse batch path gives the dense integer kernels' bits.
+            #[test]
+            fn sparse_int8_batches_match_the_dense_kernels_for_any_layer(
+                (n_in, n_out, codes) in (1usize..80, 1usize..40).prop_flat_map(|(n_in, n_out)| {
+                    (
+                        Just(n_in),
+                        Just(n_out),
+                        proptest::collection::vec(
+                            prop_oneof![3 => Just(0i8), 1 => any::<i8>()],
+                            n_in * n_out,
+                        ),
+                    )
+                }),
+                rows in 1usize..=SPARSE_LANES,
+                seed in 0u32..1000,
+                static_grid in any::<bool>(),
+                relu in any::<bool>(),
+            ) {
+                let scale: Vec<f32> = (0..n_out).map(|o| 0.02 + o as f32 * 1e-3).collect();
+                let w = Int8Weight::from_in_out(&codes, n_in, n_out, &scale).with_sparse_batches(1.0);
+                prop_assert!(w.sparse_batches());
+                let bias = values(n_out, seed + 1);
+                let x: Vec<f32> = values(rows * n_in, seed).iter().map(|v| v * 3.0).collect();
+                let mut xt = vec![0f32; n_in * SPARSE_LANES];
+                for (r, row) in x.chunks_exact(n_in).enumerate() {
+                    for (i, &v) in row.iter().enumerate() {
+                        xt[i * SPARSE_LANES + r] = v;
+                    }
+                }
+                let grid = static_grid.then(|| ActivationGrid::spanning(-2.0, 2.5));
+                let mut scratch = Int8Scratch::default();
+                let mut yt = vec![0f32; n_out * SPARSE_LANES];
+                int8_sparse_layer_t(&w, None, grid, &bias, &xt, &mut yt, relu, &mut scratch);
+                let mut y = vec![0f32; rows * n_out];
+                int8_layer(&w, &[], None, grid, &bias, &x, rows, &mut y, relu, &mut scratch);
+                for r in 0..rows {
+                    for o in 0..n_out {
+                        prop_assert_eq!(
+                            yt[o * SPARSE_LANES + r].to_bits(),
+                            y[r * n_out + o].to_bits(),
+                            "row {} output {}", r, o
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn only_exact_one_segment_layers_sparse_enough_keep_sparse_batches() {
         let scale = vec![0.01f32; 8];
