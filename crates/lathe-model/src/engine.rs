@@ -73,7 +73,7 @@ pub const INT8_AFTER_SPARSE_MAX_INPUTS: usize = 128;
 /// dense integer kernels. Where those are AVX2's or the scalar loop, the sparse path does
 /// as much arithmetic per stored code as they do per code, so it takes the `f32` threshold
 /// ([`SPARSE_MAX_DENSITY`]): on an AVX2 machine the 90 % pruned digits model's batch of
-/// 1 000 went from 1.9–2.4× the pruned `f32` model's time to 1.13–1.25× (with
+/// 1 000 went from 1.9–2.4× the pruned `f32` model's time to 1.06–1.50× (with
 /// [`INT8_AFTER_SPARSE_MAX_INPUTS`]). VNNI multiplies 64
 /// codes an instruction, four times the 16 lanes of an AVX-512 multiply-add, so there the
 /// sparse path only does less work below a quarter of the codes; it has not been measured
