@@ -789,7 +789,7 @@ impl Engine {
     /// The batch path on checked rows: chunks of rows through GEMMs and int8 kernels, or
     /// the mixed path when a layer is sparse.
     fn logits_batch_checked(&self, rows: &[f32], n_rows: usize) -> Vec<f32> {
-        if self.sparse_layers().contains(&true) {
+        if self.layers.iter().any(|l| l.weight.sparse_batches()) {
             return self.logits_batch_mixed(rows, n_rows);
         }
         if let Some(map) = &self.input_map {

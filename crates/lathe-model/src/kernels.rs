@@ -686,29 +686,28 @@ impl Int8Weight {
             return self;
         }
         let pad = self.n_out_pad;
-        let code = |o: usize, p: usize| self.q4[((p / 4) * pad + o) * 4 + p % 4];
-        let nonzero = (0..self.n_out)
-            .flat_map(|o| (0..stride).map(move |p| (o, p)))
-            .filter(|&(o, p)| code(o, p) != 0)
-            .count();
-        let cells = (self.n_in * self.n_out).max(1);
-        let exact = (0..self.n_out).all(|o| {
-            let bound: i64 = (0..stride).map(|p| i64::from(code(o, p)).abs()).sum();
-            255 * bound < F32_EXACT
-        });
-        if nonzero as f64 / cells as f64 > max_density || !exact {
-            return self;
-        }
         let mut ptr = Vec::with_capacity(self.n_out + 1);
-        let mut slot = Vec::with_capacity(nonzero);
-        let mut codes = Vec::with_capacity(nonzero);
+        let mut slot = Vec::new();
+        let mut codes = Vec::new();
         ptr.push(0);
         for o in 0..self.n_out {
-            for p in (0..stride).filter(|&p| code(o, p) != 0) {
-                slot.push(p as u16);
-                codes.push(code(o, p));
+            let mut bound = 0i64;
+            for p in 0..stride {
+                let q = self.q4[((p / 4) * pad + o) * 4 + p % 4];
+                if q != 0 {
+                    slot.push(p as u16);
+                    codes.push(q);
+                    bound += i64::from(q).abs();
+                }
+            }
+            if 255 * bound >= F32_EXACT {
+                return self;
             }
             ptr.push(codes.len() as u32);
+        }
+        let cells = (self.n_in * self.n_out).max(1);
+        if codes.len() as f64 / cells as f64 > max_density {
+            return self;
         }
         let slot = if stride <= 256 {
             Slots::Byte(slot.iter().map(|&p| p as u8).collect())
@@ -2000,8 +1999,8 @@ fn int8_sparse_layer_t_portable<const FUSED: bool>(
         let (start, end) = (codes.ptr[o] as usize, codes.ptr[o + 1] as usize);
         let code = &codes.code[start..end];
         let acc = match &codes.slot {
-            Slots::Byte(slot) => code_sums::<_, FUSED>(&slot[start..end], code, levels),
-            Slots::Wide(slot) => code_sums::<_, FUSED>(&slot[start..end], code, levels),
+            Slots::Byte(slot) => lane_sums::<_, _, FUSED>(0.0, &slot[start..end], code, levels),
+            Slots::Wide(slot) => lane_sums::<_, _, FUSED>(0.0, &slot[start..end], code, levels),
         };
         let (b, s, c) = (bias[o], w.scale[o], w.colsum[o] as f32);
         for r in 0..L {
@@ -2012,30 +2011,34 @@ fn int8_sparse_layer_t_portable<const FUSED: bool>(
     }
 }
 
-/// `Σ code · levels[slot]` over one output's non-zero codes, for [`SPARSE_LANES`] lanes
-/// (`levels` is `[slots][SPARSE_LANES]`); exact, see [`int8_sparse_layer_t`].
+/// `init + Σ value · xt[index]` over one output's stored weights, for [`SPARSE_LANES`]
+/// lanes (`xt` is `[inputs][SPARSE_LANES]`): the inner loop of both sparse batch kernels,
+/// over `f32` weights ([`sparse_batch_t`]) and over int8 codes and levels, where it is
+/// exact ([`int8_sparse_layer_t`]). Each weight multiplies one contiguous vector of inputs.
 #[inline(always)]
-fn code_sums<I: Copy, const FUSED: bool>(
-    slot: &[I],
-    code: &[i8],
-    levels: &[f32],
+fn lane_sums<I: Copy, V: Copy, const FUSED: bool>(
+    init: f32,
+    index: &[I],
+    value: &[V],
+    xt: &[f32],
 ) -> [f32; SPARSE_LANES]
 where
-    usize: From<I>,
+    u32: From<I>,
+    f32: From<V>,
 {
     const L: usize = SPARSE_LANES;
-    let mut acc = [0f32; L];
-    for (&p, &q) in slot.iter().zip(code) {
-        let at = usize::from(p) * L;
-        let x: &[f32; L] = levels[at..at + L]
+    let mut acc = [init; L];
+    for (&i, &v) in index.iter().zip(value) {
+        let at = u32::from(i) as usize * L;
+        let x: &[f32; L] = xt[at..at + L]
             .try_into()
             .expect("lane slice has SPARSE_LANES elements");
-        let q = f32::from(q);
+        let v = f32::from(v);
         for (a, &xv) in acc.iter_mut().zip(x) {
             *a = if FUSED {
-                q.mul_add(xv, *a)
+                v.mul_add(xv, *a)
             } else {
-                *a + q * xv
+                *a + v * xv
             };
         }
     }
@@ -2103,24 +2106,13 @@ fn sparse_batch_t_portable<const FUSED: bool>(
     relu: bool,
 ) {
     for (o, out) in yt.chunks_exact_mut(SPARSE_LANES).enumerate() {
-        let mut acc = [bias[o]; SPARSE_LANES];
         let (start, end) = (w.by_output_ptr[o] as usize, w.by_output_ptr[o + 1] as usize);
-        for (&i, &wv) in w.by_output_in[start..end]
-            .iter()
-            .zip(&w.by_output_val[start..end])
-        {
-            let at = i as usize * SPARSE_LANES;
-            let x: &[f32; SPARSE_LANES] = xt[at..at + SPARSE_LANES]
-                .try_into()
-                .expect("lane slice has SPARSE_LANES elements");
-            for (a, &xv) in acc.iter_mut().zip(x) {
-                *a = if FUSED {
-                    wv.mul_add(xv, *a)
-                } else {
-                    *a + wv * xv
-                };
-            }
-        }
+        let acc = lane_sums::<_, _, FUSED>(
+            bias[o],
+            &w.by_output_in[start..end],
+            &w.by_output_val[start..end],
+            xt,
+        );
         finish(&acc, out, relu);
     }
 }
