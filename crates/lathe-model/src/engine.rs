@@ -15,7 +15,8 @@
 //! activations between a sparse and a dense layer.
 //!
 //! An int8 or int4 layer (one scale per tensor, per output or per group of weights, stored
-//! dense or, for a pruned model, sparse) keeps its weights as `i8` and runs
+//! dense or, for a pruned model, sparse) keeps its weights as `i8` (4-bit codes two a byte
+//! where the AVX2 kernel runs them, [`Engine::packed_layers`]) and runs
 //! `u8 × i8` dot products with `i32` sums, one per run of inputs sharing a scale (AVX-512
 //! VNNI, AVX2, or a scalar loop, all giving the same integers; [`int8_kernel`] says which
 //! runs here); each row's activations are rounded to
@@ -579,6 +580,13 @@ impl Engine {
                 // non-zero codes for sparse batches (a pruned weight's zero is its zero
                 // point's code, not 0, when it has one).
                 let symmetric = meta.zero.iter().all(|z| *z == 0.0);
+                // 4-bit codes are held two a byte where the AVX2 kernel runs them (it
+                // unpacks them as it loads them); VNNI's kernel reads one a byte.
+                let w = if kernels::IntKernel::here() == kernels::IntKernel::Avx2 {
+                    w.with_packed_nibbles()
+                } else {
+                    w
+                };
                 Weight::Int8 {
                     w: match int8_sparse_max_density() {
                         Some(max) if symmetric => {
@@ -643,6 +651,15 @@ impl Engine {
         self.layers
             .iter()
             .map(|l| matches!(l.weight, Weight::Int8 { .. }))
+            .collect()
+    }
+
+    /// For each layer, whether its codes are 4-bit ones held two a byte (where the AVX2
+    /// integer kernel runs them).
+    pub fn packed_layers(&self) -> Vec<bool> {
+        self.layers
+            .iter()
+            .map(|l| matches!(&l.weight, Weight::Int8 { w, .. } if w.packed_nibbles()))
             .collect()
     }
 

@@ -512,7 +512,7 @@ pub(crate) struct Int8Weight {
     pub(crate) n_out: usize,
     n_groups: usize,
     n_out_pad: usize,
-    q4: Vec<i8>,
+    q4: Codes,
     /// Each segment's scale per output, `[segment][n_out_pad]` (zero-padded).
     scale: Vec<f32>,
     /// One segment: `Σᵢ q[i][o]` per output, for the activations' zero point (exact, in
@@ -528,6 +528,53 @@ pub(crate) struct Int8Weight {
     /// A pruned layer's non-zero codes by output, for its batches (see
     /// [`Int8Weight::with_sparse_batches`]); `None` for the dense kernels only.
     sparse: Option<SparseCodes>,
+    /// Codes of at most 64 in magnitude (4-bit ones: at most 8): how many groups of four
+    /// the AVX2 kernel may sum in `i16` before widening them ([`int8_dot_avx2_small`]).
+    /// `None` for larger codes.
+    small_run: Option<usize>,
+}
+
+/// The codes of [`Int8Weight`] in its layout: one a byte, or 4-bit codes two a byte.
+#[derive(Debug, Clone, PartialEq)]
+enum Codes {
+    Bytes(Vec<i8>),
+    /// Codes of −8..=7 stored as `code + 8`, each block of 64 (16 outputs of a group) in 32
+    /// bytes: byte `j` holds code `j` in its low half and code `32 + j` in its high half, so
+    /// one 32-byte load, a mask and a shift give two registers of eight outputs each
+    /// ([`int8_dot_avx2_small`]).
+    Nibbles(Vec<u8>),
+}
+
+impl Codes {
+    /// The code at `index` of the one-a-byte layout.
+    fn get(&self, index: usize) -> i8 {
+        match self {
+            Codes::Bytes(q) => q[index],
+            Codes::Nibbles(n) => {
+                let (block, j) = (index / 64, index % 64);
+                let byte = n[block * 32 + j % 32];
+                let half = if j < 32 { byte & 0x0F } else { byte >> 4 };
+                half as i8 - 8
+            }
+        }
+    }
+
+    /// The codes one a byte. Only the AVX2 kernel for small codes and the portable one read
+    /// packed codes; `int8_dot_on` sends packed weights to those alone.
+    fn one_a_byte(&self) -> &[i8] {
+        match self {
+            Codes::Bytes(q) => q,
+            Codes::Nibbles(_) => unreachable!("packed 4-bit codes reach only their own kernels"),
+        }
+    }
+
+    /// Bytes held.
+    fn bytes(&self) -> usize {
+        match self {
+            Codes::Bytes(q) => q.len(),
+            Codes::Nibbles(n) => n.len(),
+        }
+    }
 }
 
 /// The non-zero codes of a one-segment int8 weight, by output: those of output `o` are
@@ -565,6 +612,15 @@ const F32_EXACT: i64 = 1 << 24;
 
 /// Outputs per vector of the int8 kernel (sixteen `i32` lanes).
 const INT8_LANES: usize = 16;
+
+/// For codes of at most `max_abs` in magnitude, how many groups of four inputs `vpmaddubsw`
+/// may sum into `i16` lanes exactly: each group adds two `u8 × code` products to a lane, at
+/// most `2 · 255 · max_abs`, and neither one instruction's sums nor their running total
+/// may pass `i16::MAX`. `None` when one instruction could already saturate (`max_abs` > 64).
+fn small_codes_run(max_abs: i32) -> Option<usize> {
+    let step = 2 * 255 * max_abs.max(1);
+    (step <= i32::from(i16::MAX)).then(|| (i32::from(i16::MAX) / step) as usize)
+}
 
 impl Int8Weight {
     /// From `q[i * n_out + o]` (`[n_in][n_out]`), one segment (a scale per output).
@@ -658,12 +714,14 @@ impl Int8Weight {
                 .collect();
             (Vec::new(), scaled)
         };
+        let small_run = small_codes_run(q.iter().map(|&v| i32::from(v).abs()).max().unwrap_or(0));
         Int8Weight {
             n_in,
             n_out,
             n_groups,
             n_out_pad,
-            q4,
+            small_run,
+            q4: Codes::Bytes(q4),
             scale: padded,
             colsum,
             scaled_colsum,
@@ -693,7 +751,7 @@ impl Int8Weight {
         for o in 0..self.n_out {
             let mut bound = 0i64;
             for p in 0..stride {
-                let q = self.q4[((p / 4) * pad + o) * 4 + p % 4];
+                let q = self.q4.get(((p / 4) * pad + o) * 4 + p % 4);
                 if q != 0 {
                     slot.push(p as u16);
                     codes.push(q);
@@ -722,6 +780,34 @@ impl Int8Weight {
         self
     }
 
+    /// Holds 4-bit codes (every code in −8..=7) two a byte, half the bytes of one a byte; the
+    /// AVX2 kernel unpacks them as it loads them, into the same integers. Other codes stay
+    /// as they are. The VNNI kernel does not read this layout: a packed weight runs on the
+    /// AVX2 one there (`engine` packs only where VNNI is missing).
+    pub(crate) fn with_packed_nibbles(mut self) -> Int8Weight {
+        let Codes::Bytes(q) = &self.q4 else {
+            return self;
+        };
+        if !q.iter().all(|v| (-8..=7).contains(v)) {
+            return self;
+        }
+        // n_out_pad is a multiple of 16, so every group is a whole number of 64-code blocks.
+        let mut packed = vec![0u8; q.len() / 2];
+        for (block, out) in q.chunks_exact(64).zip(packed.chunks_exact_mut(32)) {
+            for (j, byte) in out.iter_mut().enumerate() {
+                let (lo, hi) = ((block[j] + 8) as u8, (block[32 + j] + 8) as u8);
+                *byte = lo | (hi << 4);
+            }
+        }
+        self.q4 = Codes::Nibbles(packed);
+        self
+    }
+
+    /// Whether the codes are held two a byte (see [`Int8Weight::with_packed_nibbles`]).
+    pub(crate) fn packed_nibbles(&self) -> bool {
+        matches!(self.q4, Codes::Nibbles(_))
+    }
+
     /// Whether batches sum only the non-zero codes (see [`Int8Weight::with_sparse_batches`]).
     pub(crate) fn sparse_batches(&self) -> bool {
         self.sparse.is_some()
@@ -729,7 +815,7 @@ impl Int8Weight {
 
     /// Bytes held in memory.
     pub(crate) fn resident_bytes(&self) -> usize {
-        self.q4.len()
+        self.q4.bytes()
             + 4 * (self.scale.len() + self.colsum.len() + self.scaled_colsum.len())
             + 12 * self.segments.len()
             + self.slots.as_ref().map_or(0, |s| 4 * s.len())
@@ -1164,6 +1250,21 @@ fn int8_dot_on(
             );
             let at = &xq[r * stride..];
             let four = r + 4 <= rows;
+            // Packed 4-bit codes run on the AVX2 kernel for small codes wherever the
+            // CPU has a vector kernel (a VNNI CPU has AVX2 too).
+            if (kernel == IntKernel::Avx2 && w.small_run.is_some()) || w.packed_nibbles() {
+                // SAFETY: the CPU has AVX2 (the caller's contract); the asserts above and
+                // the slicing here give the kernel's bounds (see `int8_dot_avx2_small`).
+                unsafe {
+                    if four {
+                        int8_dot_avx2_small::<4>(w, active, at, acc, scaled);
+                    } else {
+                        int8_dot_avx2_small::<1>(w, active, at, acc, scaled);
+                    }
+                }
+                r += if four { 4 } else { 1 };
+                continue;
+            }
             if kernel == IntKernel::Avx2 {
                 // SAFETY: the CPU has AVX2 (the caller's contract).
                 unsafe { widen_avx2(&at[..if four { 4 } else { 1 } * stride], wide) };
@@ -1232,11 +1333,19 @@ fn int8_dot_portable(
     let (stride, pad) = (w.row_stride(), w.n_out_pad);
     let single = w.segments.len() == 1;
     let mut sums = vec![0i32; pad];
+    let unpacked: Vec<i8>;
+    let q4 = match &w.q4 {
+        Codes::Bytes(q) => q.as_slice(),
+        Codes::Nibbles(_) => {
+            unpacked = (0..w.n_groups * pad * 4).map(|k| w.q4.get(k)).collect();
+            unpacked.as_slice()
+        }
+    };
     for r in 0..rows {
         for (s, &(start, end, _)) in w.segments.iter().enumerate() {
             sums.fill(0);
             let mut add_group = |g: usize| {
-                let block = &w.q4[g * pad * 4..(g + 1) * pad * 4];
+                let block = &q4[g * pad * 4..(g + 1) * pad * 4];
                 for k in 0..4 {
                     let xv = i32::from(xq[r * stride + 4 * g + k]);
                     if xv == 0 {
@@ -1362,7 +1471,11 @@ unsafe fn int8_dot_vnni_block<const ROWS: usize, const BLOCKS: usize, G>(
     for g in groups {
         // SAFETY: g < n_groups, so the group's n_out_pad × 4 bytes are inside q4, and
         // (v0 + BLOCKS) · 16 ≤ n_out_pad keeps every 64-byte load inside the group.
-        let base = unsafe { w.q4.as_ptr().add((g * pad + v0 * INT8_LANES) * 4) };
+        let base = unsafe {
+            w.q4.one_a_byte()
+                .as_ptr()
+                .add((g * pad + v0 * INT8_LANES) * 4)
+        };
         let mut wv = [_mm512_setzero_si512(); BLOCKS];
         for (b, slot) in wv.iter_mut().enumerate() {
             // SAFETY: see above.
@@ -1495,7 +1608,7 @@ unsafe fn int8_dot_avx2_block<const ROWS: usize, const QUADS: usize, G>(
     for g in groups {
         // SAFETY: g < n_groups, so the group's n_out_pad × 4 bytes are inside q4, and
         // (q0 + QUADS) · 4 ≤ n_out_pad keeps every 16-byte load inside the group.
-        let base = unsafe { w.q4.as_ptr().add((g * pad + q0 * 4) * 4) };
+        let base = unsafe { w.q4.one_a_byte().as_ptr().add((g * pad + q0 * 4) * 4) };
         let mut wv = [_mm256_setzero_si256(); QUADS];
         for (b, slot) in wv.iter_mut().enumerate() {
             // SAFETY: see above.
@@ -1526,6 +1639,176 @@ unsafe fn int8_dot_avx2_block<const ROWS: usize, const QUADS: usize, G>(
                     let scale =
                         _mm256_loadu_ps(w.scale.as_ptr().add(s * pad + (q0 + 2 * pair) * 4));
                     let term = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(total));
+                    _mm256_storeu_ps(f, _mm256_add_ps(_mm256_loadu_ps(f), term));
+                }
+            }
+        }
+    }
+}
+
+/// [`int8_dot_avx2`] for small codes (see [`Int8Weight::small_run`]; 4-bit ones): with
+/// codes of at most 64 in magnitude `vpmaddubsw` multiplies the row's `u8` inputs by the
+/// codes as they are stored and adds each pair into an `i16` without saturating, 32
+/// products an instruction against `vpmaddwd`'s 16 on widened codes. The `i16` sums are
+/// widened to `i32` every `small_run` groups (eight for 4-bit codes), before they could
+/// overflow, so the integers are exactly those of the other kernels.
+///
+/// # Safety
+/// The CPU must support AVX2; `w.small_run` must be `Some`; the rest as for
+/// [`int8_dot_vnni`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn int8_dot_avx2_small<const ROWS: usize>(
+    w: &Int8Weight,
+    active: Option<&[u32]>,
+    xq: &[u8],
+    acc: &mut [i32],
+    scaled: &mut [f32],
+) {
+    debug_assert!(xq.len() >= ROWS * w.row_stride());
+    debug_assert!(acc.len().max(scaled.len()) >= ROWS * w.n_out_pad);
+    let run = w.small_run.expect("int8_dot_avx2_small: codes too large");
+    // Outputs in eights (a register: eight outputs' four codes); n_out_pad is a multiple of 16.
+    let eights = w.n_out_pad / 8;
+    for (s, &(start, end, _)) in w.segments.iter().enumerate() {
+        let listed = listed_groups(active, start, end);
+        let mut e0 = 0;
+        while e0 < eights {
+            // Sixteen registers: a row takes 4 running sums (32 outputs), four rows 2 each;
+            // the widened sums wait on the stack.
+            let chunk = if ROWS == 1 && eights - e0 >= 4 { 4 } else { 2 };
+            macro_rules! run {
+                ($groups:expr) => {
+                    // SAFETY: e0 + chunk ≤ eights and s < segments; every group is below
+                    // n_groups (the caller's contract for `active`, `segments` by
+                    // construction); the rest is the caller's contract, passed on.
+                    unsafe {
+                        match chunk {
+                            4 => int8_dot_avx2_small_block::<ROWS, 4, _>(
+                                w, $groups, xq, acc, scaled, e0, s, run,
+                            ),
+                            _ => int8_dot_avx2_small_block::<ROWS, 2, _>(
+                                w, $groups, xq, acc, scaled, e0, s, run,
+                            ),
+                        }
+                    }
+                };
+            }
+            match listed {
+                None => run!(start as usize..end as usize),
+                Some(list) => run!(list.iter().map(|&g| g as usize)),
+            }
+            e0 += chunk;
+        }
+    }
+}
+
+/// Outputs `e0 · 8 .. (e0 + EIGHTS) · 8` of segment `s` of [`int8_dot_avx2_small`], the
+/// `i16` sums widened every `run` groups.
+///
+/// # Safety
+/// As for [`int8_dot_avx2_small`], `(e0 + EIGHTS) · 8 ≤ n_out_pad`, `s` below the number of
+/// segments, every group `groups` yields below `n_groups`, and `run` at most
+/// [`small_codes_run`] of the codes' largest magnitude.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn int8_dot_avx2_small_block<const ROWS: usize, const EIGHTS: usize, G>(
+    w: &Int8Weight,
+    groups: G,
+    xq: &[u8],
+    acc: &mut [i32],
+    scaled: &mut [f32],
+    e0: usize,
+    s: usize,
+    run: usize,
+) where
+    G: Iterator<Item = usize>,
+{
+    use std::arch::x86_64::*;
+    let (stride, pad) = (w.row_stride(), w.n_out_pad);
+    let ones = _mm256_set1_epi16(1);
+    let mut sums = [[_mm256_setzero_si256(); EIGHTS]; ROWS];
+    let mut short = [[_mm256_setzero_si256(); EIGHTS]; ROWS];
+    let mut pending = 0;
+    // The `i16` pair sums widened (each output's two added) into the `i32` sums.
+    macro_rules! widen {
+        () => {
+            for (row_short, row_sums) in short.iter_mut().zip(sums.iter_mut()) {
+                for (part, sum) in row_short.iter_mut().zip(row_sums.iter_mut()) {
+                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(*part, ones));
+                    *part = _mm256_setzero_si256();
+                }
+            }
+        };
+    }
+    for g in groups {
+        let mut wv = [_mm256_setzero_si256(); EIGHTS];
+        let at = (g * pad + e0 * 8) * 4;
+        match &w.q4 {
+            Codes::Bytes(q) => {
+                for (b, slot) in wv.iter_mut().enumerate() {
+                    // SAFETY: g < n_groups, so the group's n_out_pad × 4 codes are inside
+                    // q4, and (e0 + EIGHTS) · 8 ≤ n_out_pad keeps every 32-byte load inside
+                    // the group.
+                    *slot = unsafe { _mm256_loadu_si256(q.as_ptr().add(at + b * 32).cast()) };
+                }
+            }
+            Codes::Nibbles(n) => {
+                // Sixteen outputs (two registers) per 32 bytes: the low halves, then the
+                // high ones, each less the 8 they were stored with. e0 and EIGHTS are even,
+                // so each load is one whole block of 64 codes.
+                let low = _mm256_set1_epi8(0x0F);
+                let eight = _mm256_set1_epi8(8);
+                for (b, pair) in wv.chunks_exact_mut(2).enumerate() {
+                    // SAFETY: as above, at half the offsets: the block's 32 bytes are
+                    // inside the packed codes.
+                    let v = unsafe { _mm256_loadu_si256(n.as_ptr().add(at / 2 + b * 32).cast()) };
+                    let lo = _mm256_and_si256(v, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                    pair[0] = _mm256_sub_epi8(lo, eight);
+                    pair[1] = _mm256_sub_epi8(hi, eight);
+                }
+            }
+        }
+        for (r, row_short) in short.iter_mut().enumerate() {
+            // SAFETY: r < ROWS and 4g + 4 ≤ stride, inside xq (caller's contract).
+            let x = unsafe {
+                xq.as_ptr()
+                    .add(r * stride + 4 * g)
+                    .cast::<i32>()
+                    .read_unaligned()
+            };
+            let x = _mm256_set1_epi32(x);
+            for (part, wb) in row_short.iter_mut().zip(&wv) {
+                *part = _mm256_add_epi16(*part, _mm256_maddubs_epi16(x, *wb));
+            }
+        }
+        pending += 1;
+        if pending == run {
+            widen!();
+            pending = 0;
+        }
+    }
+    if pending > 0 {
+        widen!();
+    }
+    let single = w.segments.len() == 1;
+    for (r, row_sums) in sums.iter().enumerate() {
+        for (b, sum) in row_sums.iter().enumerate() {
+            let at = r * pad + (e0 + b) * 8;
+            if single {
+                // SAFETY: r < ROWS and (e0 + b + 1) · 8 ≤ n_out_pad, inside acc.
+                unsafe { _mm256_storeu_si256(acc.as_mut_ptr().add(at).cast(), *sum) };
+            } else {
+                // The portable kernel's `f += scale · a`, unfused, so both round alike.
+                // SAFETY: as above, inside scaled; s < segments keeps the scale load inside
+                // w.scale (segments × n_out_pad).
+                unsafe {
+                    let f = scaled.as_mut_ptr().add(at);
+                    let scale = _mm256_loadu_ps(w.scale.as_ptr().add(s * pad + (e0 + b) * 8));
+                    let term = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(*sum));
                     _mm256_storeu_ps(f, _mm256_add_ps(_mm256_loadu_ps(f), term));
                 }
             }
@@ -2246,11 +2529,51 @@ mod tests {
         (q, scale, zero)
     }
 
+    /// The weight, and where its codes are 4-bit ones, the same weight packed two a byte.
+    fn with_packed(w: Int8Weight) -> Vec<Int8Weight> {
+        let packed = w.clone().with_packed_nibbles();
+        if packed.packed_nibbles() {
+            assert_eq!(
+                packed.resident_bytes() + w.q4.bytes() / 2,
+                w.resident_bytes()
+            );
+            vec![w, packed]
+        } else {
+            vec![w]
+        }
+    }
+
     #[test]
     fn the_vector_and_scalar_int8_kernels_give_the_same_integers() {
-        for (n_in, n_out) in [(64, 256), (256, 128), (128, 10), (5, 130), (3, 1)] {
-            let (q, scale, _) = int8_case(n_in, n_out);
+        // Full-range codes, the largest the AVX2 `i16` path takes, and 4-bit ones (which are
+        // also run packed two a byte).
+        for ((n_in, n_out), (lo, hi)) in [(64, 256), (256, 128), (128, 10), (5, 130), (3, 1)]
+            .into_iter()
+            .flat_map(|shape| {
+                [
+                    (shape, (-127i8, 127i8)),
+                    (shape, (-64, 64)),
+                    (shape, (-8, 7)),
+                ]
+            })
+        {
+            let (full, scale, _) = int8_case(n_in, n_out);
+            let q: Vec<i8> = full
+                .iter()
+                .map(|&v| (i32::from(v) * i32::from(hi) / 127).clamp(lo.into(), hi.into()) as i8)
+                .collect();
             let w = Int8Weight::from_in_out(&q, n_in, n_out, &scale);
+            let largest = q.iter().map(|&v| i32::from(v).abs()).max().unwrap_or(0);
+            assert_eq!(
+                w.small_run.is_some(),
+                largest <= 64,
+                "{n_in}x{n_out}, to {hi}"
+            );
+            assert_eq!(
+                w.clone().with_packed_nibbles().packed_nibbles(),
+                hi <= 7,
+                "{n_in}x{n_out}, to {hi}"
+            );
             for rows in [1, 3, 4, 9] {
                 let x: Vec<f32> = values(rows * n_in, 11).iter().map(|v| v.max(0.0)).collect();
                 let mut xq = vec![0u8; rows * w.row_stride()];
@@ -2278,7 +2601,11 @@ mod tests {
                 if rows == 1 {
                     active_groups(&xq, &mut active);
                 }
-                for kernel in kernels_here() {
+                for (w, kernel) in with_packed(w.clone())
+                    .into_iter()
+                    .flat_map(|w| kernels_here().into_iter().map(move |k| (w.clone(), k)))
+                {
+                    let packed = w.packed_nibbles();
                     int8_dot_on(
                         &w,
                         &xq,
@@ -2289,7 +2616,10 @@ mod tests {
                         &mut wide,
                         kernel,
                     );
-                    assert_eq!(acc, expected, "{n_in}x{n_out}, {rows} rows, {kernel:?}");
+                    assert_eq!(
+                        acc, expected,
+                        "{n_in}x{n_out}, codes to {hi}, {rows} rows, {kernel:?}, packed {packed}"
+                    );
                     if rows == 1 {
                         int8_dot_on(
                             &w,
@@ -2301,7 +2631,10 @@ mod tests {
                             &mut wide,
                             kernel,
                         );
-                        assert_eq!(acc, expected, "{n_in}x{n_out}, active groups, {kernel:?}");
+                        assert_eq!(
+                            acc, expected,
+                            "{n_in}x{n_out}, active groups, {kernel:?}, packed {packed}"
+                        );
                     }
                 }
                 // Segments of 8 inputs (and the scaled sums they give): the same floats,
@@ -2313,7 +2646,11 @@ mod tests {
                 if n_seg > 1 {
                     let mut expected = vec![0f32; rows * ws.n_out_pad];
                     int8_dot_portable(&ws, None, &xq, rows, &mut [], &mut expected);
-                    for kernel in kernels_here() {
+                    for (ws, kernel) in with_packed(ws)
+                        .into_iter()
+                        .flat_map(|w| kernels_here().into_iter().map(move |k| (w.clone(), k)))
+                    {
+                        let packed = ws.packed_nibbles();
                         int8_dot_on(
                             &ws,
                             &xq,
@@ -2324,7 +2661,10 @@ mod tests {
                             &mut wide,
                             kernel,
                         );
-                        assert_eq!(scaled, expected, "{n_in}x{n_out} segments, {rows} rows");
+                        assert_eq!(
+                            scaled, expected,
+                            "{n_in}x{n_out} segments, {rows} rows, {kernel:?}, packed {packed}"
+                        );
                         if rows == 1 {
                             int8_dot_on(
                                 &ws,
@@ -2346,6 +2686,78 @@ mod tests {
             "int8 kernels checked against the scalar one: {:?}",
             kernels_here()
         );
+    }
+
+    #[test]
+    fn packed_4_bit_codes_read_back_as_they_were() {
+        // Every 4-bit value at every position of a block, in layers whose outputs pad to
+        // one and several blocks of 16.
+        for (n_in, n_out) in [(4, 16), (7, 20), (64, 33)] {
+            let q: Vec<i8> = (0..n_in * n_out)
+                .map(|k| ((k * 7 + k / 16) % 16) as i8 - 8)
+                .collect();
+            let w = Int8Weight::from_in_out(&q, n_in, n_out, &vec![1.0; n_out]);
+            let packed = w.clone().with_packed_nibbles();
+            assert!(packed.packed_nibbles());
+            assert_eq!(packed.q4.bytes() * 2, w.q4.bytes());
+            for k in 0..w.q4.bytes() {
+                assert_eq!(packed.q4.get(k), w.q4.get(k), "{n_in}x{n_out}, code {k}");
+            }
+            // 8 is outside −8..=7: such codes stay one a byte.
+            let mut wide = q.clone();
+            wide[0] = 8;
+            let w = Int8Weight::from_in_out(&wide, n_in, n_out, &vec![1.0; n_out]);
+            assert!(!w.with_packed_nibbles().packed_nibbles());
+        }
+    }
+
+    #[test]
+    fn small_codes_sum_exactly_at_their_extremes() {
+        // The runs of groups the AVX2 kernel sums in `i16` before widening: as long as the
+        // largest input (255) times the largest code, two a group, stays inside `i16`.
+        assert_eq!(small_codes_run(8), Some(8));
+        assert_eq!(small_codes_run(7), Some(9));
+        assert_eq!(small_codes_run(64), Some(1));
+        assert_eq!(small_codes_run(65), None);
+        assert_eq!(small_codes_run(0), Some(64));
+        // Every input at 255 against codes all at the extreme of one sign: each run ends a
+        // hair inside `i16` (8 · 4080 = 32 640), so one more group per run would wrap.
+        for code in [-8i8, 8, 7, -64, 64] {
+            for (n_in, n_out) in [(256, 16), (100, 24), (4, 8)] {
+                let q = vec![code; n_in * n_out];
+                let scale = vec![1.0; n_out];
+                let w = Int8Weight::from_in_out(&q, n_in, n_out, &scale);
+                assert!(w.small_run.is_some());
+                for (w, rows) in with_packed(w)
+                    .into_iter()
+                    .flat_map(|w| [(w.clone(), 1), (w, 4)])
+                {
+                    let xq = vec![255u8; rows * w.row_stride()];
+                    let (mut acc, mut scaled, mut wide) = (Vec::new(), Vec::new(), Vec::new());
+                    for kernel in kernels_here() {
+                        int8_dot_on(
+                            &w,
+                            &xq,
+                            rows,
+                            None,
+                            &mut acc,
+                            &mut scaled,
+                            &mut wide,
+                            kernel,
+                        );
+                        for r in 0..rows {
+                            for o in 0..n_out {
+                                assert_eq!(
+                                    acc[r * w.n_out_pad + o],
+                                    255 * i32::from(code) * n_in as i32,
+                                    "code {code}, {n_in}x{n_out}, {rows} rows, {kernel:?}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -811,6 +811,15 @@ mod tests {
                 int8.resident_weight_bytes(),
                 original.resident_weight_bytes()
             );
+            // 4-bit codes are held two a byte where the AVX2 kernel runs them: a little
+            // over half of the 4-bit engine's bytes then (0.21 of the float engine's here).
+            let packed = bits == Bits::Four && crate::engine::int8_kernel() == "avx2";
+            assert_eq!(
+                int8.packed_layers(),
+                [packed; 3],
+                "{bits:?} {granularity:?}"
+            );
+            let most = if packed { 25 } else { most };
             assert!(
                 int8.resident_weight_bytes() * 100 < original.resident_weight_bytes() * most,
                 "{} vs {}",

@@ -712,7 +712,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             ("float", f1, fb, fr),
             ("int8, static activations", q1, qb, qr),
             ("int8, dynamic activations", d1, db, dr),
-            ("int4 grouped 32 (codes held as i8)", g1, gb, gr),
+            ("int4 grouped 32", g1, gb, gr),
         ] {
             println!("{label:<40} {row:>12.2} {batch_ms:>14.3} {bytes:>14}");
         }
@@ -729,8 +729,9 @@ fn main() -> Result<(), Box<dyn Error>> {
             );
         }
         println!(
-            "int4 grouped 32 on the integer kernels (per layer): {:?}",
-            grouped_engine.int8_layers()
+            "int4 grouped 32 on the integer kernels (per layer): {:?}, codes two a byte: {:?}",
+            grouped_engine.int8_layers(),
+            grouped_engine.packed_layers()
         );
         let n_test = splits.test.rows();
         let classes = |e: &Engine| e.classes_batch(&splits.test.features, n_test);
@@ -813,7 +814,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             "int8": {"row_p50_us": q1, "batch_1000_ms": qb, "resident_bytes": qr},
             "int8_dynamic": {"row_p50_us": d1, "batch_1000_ms": db, "resident_bytes": dr},
             "int4_grouped32": {"row_p50_us": g1, "batch_1000_ms": gb, "resident_bytes": gr,
-                "int8_layers": grouped_engine.int8_layers()},
+                "int8_layers": grouped_engine.int8_layers(), "packed_layers": grouped_engine.packed_layers()},
             "time_ratio_int8_over_float_row": q1 / f1,
             "time_ratio_int8_over_float_batch_1000": qb / fb,
             "resident_ratio_int8_over_float": qr as f64 / fr as f64,
