@@ -3018,9 +3018,20 @@ mod tests {
                 seed in 0u32..1000,
                 static_grid in any::<bool>(),
                 relu in any::<bool>(),
+                four_bits in any::<bool>(),
             ) {
+                // 4-bit codes are held two a byte first, as the engine does on AVX2: the
+                // sparse codes are read from the packed ones.
+                let codes: Vec<i8> = if four_bits {
+                    codes.iter().map(|&c| c >> 4).collect()
+                } else {
+                    codes
+                };
                 let scale: Vec<f32> = (0..n_out).map(|o| 0.02 + o as f32 * 1e-3).collect();
-                let w = Int8Weight::from_in_out(&codes, n_in, n_out, &scale).with_sparse_batches(1.0);
+                let w = Int8Weight::from_in_out(&codes, n_in, n_out, &scale);
+                let w = if four_bits { w.with_packed_nibbles() } else { w };
+                prop_assert_eq!(w.packed_nibbles(), four_bits);
+                let w = w.with_sparse_batches(1.0);
                 prop_assert!(w.sparse_batches());
                 let bias = values(n_out, seed + 1);
                 let x: Vec<f32> = values(rows * n_in, seed).iter().map(|v| v * 3.0).collect();
