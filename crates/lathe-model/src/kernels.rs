@@ -531,6 +531,7 @@ pub(crate) struct Int8Weight {
     /// Codes of at most 64 in magnitude (4-bit ones: at most 8): how many groups of four
     /// the AVX2 kernel may sum in `i16` before widening them ([`int8_dot_avx2_small`]).
     /// `None` for larger codes.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     small_run: Option<usize>,
 }
 
@@ -561,6 +562,7 @@ impl Codes {
 
     /// The codes one a byte. Only the AVX2 kernel for small codes and the portable one read
     /// packed codes; `int8_dot_on` sends packed weights to those alone.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn one_a_byte(&self) -> &[i8] {
         match self {
             Codes::Bytes(q) => q,
