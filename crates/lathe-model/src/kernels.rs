@@ -1248,6 +1248,9 @@ fn int8_dot_on(
     #[cfg(target_arch = "x86_64")]
     {
         let pad = w.n_out_pad;
+        // Packed 4-bit codes run on the AVX2 kernel for small codes wherever the CPU has a
+        // vector kernel (a VNNI CPU has AVX2 too).
+        let small = (kernel == IntKernel::Avx2 && w.small_run.is_some()) || w.packed_nibbles();
         let mut r = 0;
         while r < rows {
             let (acc, scaled) = (
@@ -1256,34 +1259,21 @@ fn int8_dot_on(
             );
             let at = &xq[r * stride..];
             let four = r + 4 <= rows;
-            // Packed 4-bit codes run on the AVX2 kernel for small codes wherever the
-            // CPU has a vector kernel (a VNNI CPU has AVX2 too).
-            if (kernel == IntKernel::Avx2 && w.small_run.is_some()) || w.packed_nibbles() {
-                // SAFETY: the CPU has AVX2 (the caller's contract); the asserts above and
-                // the slicing here give the kernel's bounds (see `int8_dot_avx2_small`).
-                unsafe {
-                    if four {
-                        int8_dot_avx2_small::<4>(w, active, at, acc, scaled);
-                    } else {
-                        int8_dot_avx2_small::<1>(w, active, at, acc, scaled);
-                    }
-                }
-                r += if four { 4 } else { 1 };
-                continue;
-            }
-            if kernel == IntKernel::Avx2 {
+            if kernel == IntKernel::Avx2 && !small {
                 // SAFETY: the CPU has AVX2 (the caller's contract).
                 unsafe { widen_avx2(&at[..if four { 4 } else { 1 } * stride], wide) };
             }
-            // SAFETY: the CPU has the kernel's instructions (the caller's contract); the
-            // asserts above and the slicing here give the kernel's bounds (see
-            // `int8_dot_vnni` and `int8_dot_avx2`).
+            // SAFETY: the CPU has the kernel's instructions, AVX2 at least (the caller's
+            // contract); the asserts above and the slicing here give the kernel's bounds
+            // (see `int8_dot_vnni`, `int8_dot_avx2` and `int8_dot_avx2_small`).
             unsafe {
-                match (kernel, four) {
-                    (IntKernel::Vnni, true) => int8_dot_vnni::<4>(w, active, at, acc, scaled),
-                    (IntKernel::Vnni, false) => int8_dot_vnni::<1>(w, active, at, acc, scaled),
-                    (_, true) => int8_dot_avx2::<4>(w, active, wide, acc, scaled),
-                    (_, false) => int8_dot_avx2::<1>(w, active, wide, acc, scaled),
+                match (small, kernel, four) {
+                    (true, _, true) => int8_dot_avx2_small::<4>(w, active, at, acc, scaled),
+                    (true, _, false) => int8_dot_avx2_small::<1>(w, active, at, acc, scaled),
+                    (_, IntKernel::Vnni, true) => int8_dot_vnni::<4>(w, active, at, acc, scaled),
+                    (_, IntKernel::Vnni, false) => int8_dot_vnni::<1>(w, active, at, acc, scaled),
+                    (_, _, true) => int8_dot_avx2::<4>(w, active, wide, acc, scaled),
+                    (_, _, false) => int8_dot_avx2::<1>(w, active, wide, acc, scaled),
                 }
             }
             r += if four { 4 } else { 1 };
@@ -1474,14 +1464,11 @@ unsafe fn int8_dot_vnni_block<const ROWS: usize, const BLOCKS: usize, G>(
     use std::arch::x86_64::*;
     let (stride, pad) = (w.row_stride(), w.n_out_pad);
     let mut sums = [[_mm512_setzero_si512(); BLOCKS]; ROWS];
+    let q4 = w.q4.one_a_byte();
     for g in groups {
         // SAFETY: g < n_groups, so the group's n_out_pad × 4 bytes are inside q4, and
         // (v0 + BLOCKS) · 16 ≤ n_out_pad keeps every 64-byte load inside the group.
-        let base = unsafe {
-            w.q4.one_a_byte()
-                .as_ptr()
-                .add((g * pad + v0 * INT8_LANES) * 4)
-        };
+        let base = unsafe { q4.as_ptr().add((g * pad + v0 * INT8_LANES) * 4) };
         let mut wv = [_mm512_setzero_si512(); BLOCKS];
         for (b, slot) in wv.iter_mut().enumerate() {
             // SAFETY: see above.
@@ -1611,10 +1598,11 @@ unsafe fn int8_dot_avx2_block<const ROWS: usize, const QUADS: usize, G>(
     use std::arch::x86_64::*;
     let (n_groups, pad) = (w.n_groups, w.n_out_pad);
     let mut sums = [[_mm256_setzero_si256(); QUADS]; ROWS];
+    let q4 = w.q4.one_a_byte();
     for g in groups {
         // SAFETY: g < n_groups, so the group's n_out_pad × 4 bytes are inside q4, and
         // (q0 + QUADS) · 4 ≤ n_out_pad keeps every 16-byte load inside the group.
-        let base = unsafe { w.q4.one_a_byte().as_ptr().add((g * pad + q0 * 4) * 4) };
+        let base = unsafe { q4.as_ptr().add((g * pad + q0 * 4) * 4) };
         let mut wv = [_mm256_setzero_si256(); QUADS];
         for (b, slot) in wv.iter_mut().enumerate() {
             // SAFETY: see above.
