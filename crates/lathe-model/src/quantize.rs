@@ -95,6 +95,26 @@ pub struct QuantizeConfig {
     pub max_accuracy_drop: f64,
 }
 
+impl Default for QuantizeConfig {
+    /// The job spec's defaults (`"quantize": {}` under the default budget): 8 bits per
+    /// output channel, symmetric, groups of 32 for the grouped candidate of `auto`,
+    /// activation ranges at the 99.99th percentile of the first 512 training rows, quantized
+    /// statically, and a 0.5-point accuracy budget. `lathe-quantizer` tests that the two
+    /// agree.
+    fn default() -> Self {
+        QuantizeConfig {
+            bits: Bits::Eight,
+            granularity: None,
+            group_size: 32,
+            symmetric: true,
+            calibration: Calibration::Percentile(99.99),
+            activations: Activations::Static,
+            calibration_rows: 512,
+            max_accuracy_drop: 0.005,
+        }
+    }
+}
+
 /// Why quantization could not run.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum QuantizeError {
@@ -683,13 +703,7 @@ mod tests {
     fn bad_settings_are_refused_naming_the_field() {
         let good = QuantizeConfig {
             bits: Bits::Auto,
-            granularity: None,
-            group_size: 32,
-            symmetric: true,
-            calibration: Calibration::Percentile(99.99),
-            activations: Activations::Static,
-            calibration_rows: 512,
-            max_accuracy_drop: 0.005,
+            ..QuantizeConfig::default()
         };
         assert_eq!(good.validate(), Ok(()));
         let cases = [

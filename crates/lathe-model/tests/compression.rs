@@ -10,9 +10,7 @@ use lathe_model::data::{Splits, builtin, split};
 use lathe_model::engine::{Engine, KernelChoice, argmax};
 use lathe_model::mlp::MlpConfig;
 use lathe_model::prune::{PruneConfig, Saliency, Scope, Structure, Target, prune_mlp};
-use lathe_model::quantize::{
-    Activations, Bits, Calibration, Granularity, QuantizeConfig, quantize_mlp,
-};
+use lathe_model::quantize::{Bits, Granularity, QuantizeConfig, quantize_mlp};
 use lathe_model::train::{TrainConfig, train_mlp};
 
 fn dense() -> (Artifact, f64, Splits) {
@@ -30,14 +28,8 @@ fn dense() -> (Artifact, f64, Splits) {
 
 fn int8_per_channel() -> QuantizeConfig {
     QuantizeConfig {
-        bits: Bits::Eight,
         granularity: Some(Granularity::PerChannel),
-        group_size: 32,
-        symmetric: true,
-        calibration: Calibration::Percentile(99.99),
-        activations: Activations::Static,
-        calibration_rows: 512,
-        max_accuracy_drop: 0.005,
+        ..QuantizeConfig::default()
     }
 }
 

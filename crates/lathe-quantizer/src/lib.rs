@@ -21,9 +21,12 @@ use tracing::Instrument;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Quantizer;
 
-/// The library's settings for the spec's; bits other than 8, 4 or auto are refused (intake
-/// refuses them first).
-fn quantize_config(p: &QuantizeParams, task: &StageTask) -> Result<QuantizeConfig, StageError> {
+/// The library's settings for the spec's and the job's accuracy budget; bits other than 8,
+/// 4 or auto are refused (intake refuses them first).
+fn quantize_config(
+    p: &QuantizeParams,
+    max_accuracy_drop: f64,
+) -> Result<QuantizeConfig, StageError> {
     Ok(QuantizeConfig {
         bits: match p.bits {
             AutoOr::Auto => Bits::Auto,
@@ -51,7 +54,7 @@ fn quantize_config(p: &QuantizeParams, task: &StageTask) -> Result<QuantizeConfi
             spec::Activations::Dynamic => Activations::Dynamic,
         },
         calibration_rows: p.calibration_rows as usize,
-        max_accuracy_drop: task.spec.budget.max_accuracy_drop,
+        max_accuracy_drop,
     })
 }
 
@@ -69,7 +72,7 @@ impl StageHandler for Quantizer {
             None => serde_json::from_value(serde_json::json!({}))
                 .map_err(|e| StageError::Permanent(format!("quantize defaults: {e}")))?,
         };
-        let cfg = quantize_config(&params, &task)?;
+        let cfg = quantize_config(&params, task.spec.budget.max_accuracy_drop)?;
         let load = tracing::info_span!("load dataset", source = %task.spec.dataset.source);
         let splits =
             lathe_runtime::dataset::load_splits(&ctx, &task.spec.dataset, task.spec.train.seed)
@@ -112,5 +115,59 @@ impl StageHandler for Quantizer {
             "Quantized"
         );
         Ok(output)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lathe_proto::spec::Budget;
+
+    fn params(json: serde_json::Value) -> QuantizeParams {
+        serde_json::from_value(json).expect("valid quantize parameters")
+    }
+
+    /// `"quantize": {}` under the default budget is what `QuantizeConfig::default()` says it
+    /// is, so library callers and jobs get the same quantizer.
+    #[test]
+    fn the_spec_defaults_are_the_library_defaults() {
+        let cfg = quantize_config(
+            &params(serde_json::json!({})),
+            Budget::default().max_accuracy_drop,
+        )
+        .expect("the defaults are valid");
+        assert_eq!(cfg, QuantizeConfig::default());
+        assert_eq!(cfg.validate(), Ok(()));
+    }
+
+    #[test]
+    fn spec_settings_map_onto_the_library_and_unsupported_bits_are_refused() {
+        let cfg = quantize_config(
+            &params(serde_json::json!({
+                "bits": 4, "granularity": "grouped", "group_size": 16, "symmetric": false,
+                "calibration": "min_max", "activations": "dynamic", "calibration_rows": 64
+            })),
+            0.01,
+        )
+        .expect("valid settings");
+        assert_eq!(
+            cfg,
+            QuantizeConfig {
+                bits: Bits::Four,
+                granularity: Some(Granularity::Grouped(16)),
+                group_size: 16,
+                symmetric: false,
+                calibration: Calibration::MinMax,
+                activations: Activations::Dynamic,
+                calibration_rows: 64,
+                max_accuracy_drop: 0.01,
+            }
+        );
+        let Err(StageError::Permanent(why)) =
+            quantize_config(&params(serde_json::json!({ "bits": 3 })), 0.005)
+        else {
+            panic!("3 bits must be refused for good");
+        };
+        assert!(why.starts_with("quantize.bits"), "{why}");
     }
 }

@@ -20,7 +20,7 @@ use lathe_model::prune::{
     PruneConfig, PruneOutcome, Saliency, Scope, Structure, Target, prune_mlp,
 };
 use lathe_model::quantize::{
-    Activations, Bits, Calibration, Granularity, QuantizeConfig, quantize_mlp, rows_off_range,
+    Activations, Bits, Granularity, QuantizeConfig, quantize_mlp, rows_off_range,
 };
 use lathe_model::train::{TrainConfig, train_mlp};
 use serde_json::{Value, json};
@@ -438,15 +438,12 @@ fn main() -> Result<(), Box<dyn Error>> {
     }
     // Quantization: the dense model and the 95 % gradual Taylor model of the table above.
     let pruned95 = kept95.ok_or("the 95 % gradual Taylor model was not pruned")?;
+    // The job spec's defaults but for bits, granularity and symmetry.
     let qcfg = |bits, granularity, symmetric| QuantizeConfig {
         bits,
         granularity: Some(granularity),
-        group_size: 32,
         symmetric,
-        calibration: Calibration::Percentile(99.99),
-        activations: Activations::Static,
-        calibration_rows: 512,
-        max_accuracy_drop: 0.005,
+        ..QuantizeConfig::default()
     };
     let peer_int8 = peer.int8;
     println!(
