@@ -2186,12 +2186,13 @@ fn int8_sparse_layer_t_avx2(layer: &LanesLayer, yt: &mut [f32], levels: &mut [f3
     int8_sparse_layer_t_portable::<true>(layer, yt, levels);
 }
 
-/// A value rounded to its `u8` level as [`round_to_u8`] rounds it (`t` in `[0, 255]`, ties
-/// to even), kept as `f32`: the sum's rounding is the same, subtracting the constant again
-/// is exact.
+/// The level of grid position `u` (a value's `x · inv + zero`): clamped to `[0, 255]` and
+/// rounded as [`round_to_u8`] rounds it (ties to even), kept as `f32`: the sum's rounding is
+/// the same, and subtracting the constant again is exact. Every level the sparse batch path
+/// sets goes through here, on the grid or over a lane's own range.
 #[inline(always)]
-fn round_level(t: f32) -> f32 {
-    (t + ROUND_MAGIC) - ROUND_MAGIC
+fn level_at(u: f32) -> f32 {
+    (u.clamp(0.0, 255.0) + ROUND_MAGIC) - ROUND_MAGIC
 }
 
 /// Up to this many lanes of a tile off its grid are quantized over their own range one by
@@ -2234,6 +2235,8 @@ fn int8_sparse_layer_t_portable<const FUSED: bool>(
         let mut hi = [offset; L];
         let mut lane_values = [0f32; L];
         for (i, out) in levels.chunks_exact_mut(L).enumerate() {
+            // Copied rather than read through `value`: read in place, this pass took about
+            // twice as long when tried (presumably it no longer vectorized), on every tile.
             lane_values.copy_from_slice(&xt[i * L..(i + 1) * L]);
             if let Some(s) = input_scale {
                 for v in lane_values.iter_mut() {
@@ -2244,7 +2247,7 @@ fn int8_sparse_layer_t_portable<const FUSED: bool>(
                 let u = lane_values[r] * inv + offset;
                 lo[r] = if u < lo[r] { u } else { lo[r] };
                 hi[r] = if u > hi[r] { u } else { hi[r] };
-                out[r] = round_level(u.clamp(0.0, 255.0));
+                out[r] = level_at(u);
             }
         }
         for r in 0..L {
@@ -2277,7 +2280,7 @@ fn int8_sparse_layer_t_portable<const FUSED: bool>(
         }
         for (i, out) in levels.chunks_exact_mut(L).enumerate() {
             for r in 0..L {
-                let level = round_level((value(i, r) * inv[r] + zx[r]).clamp(0.0, 255.0));
+                let level = level_at(value(i, r) * inv[r] + zx[r]);
                 out[r] = if own[r] { level } else { out[r] };
             }
         }
@@ -2293,7 +2296,7 @@ fn int8_sparse_layer_t_portable<const FUSED: bool>(
             let inv = 1.0 / g.scale;
             (sx[r], zx[r]) = (g.scale, g.zero as f32);
             for i in 0..w.n_in {
-                levels[i * L + r] = round_level((value(i, r) * inv + zx[r]).clamp(0.0, 255.0));
+                levels[i * L + r] = level_at(value(i, r) * inv + zx[r]);
             }
         }
     }
